@@ -1,0 +1,242 @@
+"""Tests of the shapes world: python -m pytest tests/test_synth.py -q"""
+import collections
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import synth
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLDS = list(synth.WORLDS)
+
+
+def samples(world, task, split="train", n=200):
+    return [synth.make_sample(world, task, split, i) for i in range(n)]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_parser_exact_on_random_renders(world):
+    w = synth.WORLDS[world]
+    rng = random.Random(0)
+    for _ in range(2000):
+        objs = synth.rand_scene(rng, w, "test_ood")
+        scene = synth.Scene.of(objs)
+        assert synth.parse(synth.render(scene, w), w) == scene
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_parser_degrades_gracefully(world):
+    w = synth.WORLDS[world]
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (w.size, w.size, 3), dtype=np.uint8)
+    parsed = synth.parse(noise, w)
+    assert len(parsed.malformed) == w.grid ** 2 and not parsed.objects
+    # a half-drawn object is malformed, a blank image is empty
+    img = synth.render([("square", "red", "large", 1, 1)], w)
+    c = w.cell
+    img[c:2 * c, c:c + c // 2] = 0
+    assert synth.parse(img, w).malformed == ((1, 1),)
+    assert synth.parse(np.zeros_like(img), w) == synth.Scene(())
+    with pytest.raises(ValueError, match="needs"):
+        synth.parse(np.zeros((w.size + 1, w.size, 3), np.uint8), w)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_vqa_answers_match_the_image(world):
+    for s in samples(world, "vqa", n=400):
+        objs = synth.parse(s["image"], world).objects
+        assert synth.answer(s["program"], objs) == s["answer"]
+        assert synth.question_text(s["program"]) == s["text"]
+        if s["family"].startswith("query_"):  # the question never names its own answer
+            assert s["answer"] not in s["text"].lower().split()
+
+
+def test_vqa_answers_balanced_within_each_family():
+    by_family = collections.defaultdict(collections.Counter)
+    for i in range(3000):
+        s = synth.make_sample("default", "vqa", "train", i)
+        by_family[s["family"]][s["answer"]] += 1
+    assert len(by_family) >= 12
+    for fam, counts in by_family.items():
+        assert max(counts.values()) <= 1.5 * sum(counts.values()) / len(counts), (fam, counts)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_t2i_targets_satisfy_their_clauses(world):
+    fams = collections.Counter()
+    for s in samples(world, "t2i", n=300):
+        fams[s["family"]] += 1
+        assert synth.satisfies(synth.parse(s["target"], world), s["clauses"]), s["text"]
+        assert not synth.satisfies(synth.Scene(()), s["clauses"])  # a blank image never passes
+    assert set(fams) == set(synth.T2I_FAMILIES)
+
+
+def check_edit(s, world):
+    """The edit's semantics, read from the images, not from the generator's own code."""
+    src, tgt = synth.parse(s["image"], world), synth.parse(s["target"], world)
+    assert tgt.to_json() == s["target_scene"] and src.to_json() == s["scene"]
+    atoms = s["edit"]["atoms"]
+    touched = {tuple(c) for a in atoms for c in a["cells"] + ([a["to"]] if "to" in a else [])}
+    before = {(o.row, o.col): o for o in src.objects}
+    after = {(o.row, o.col): o for o in tgt.objects}
+    for cell in set(before) | set(after):
+        if cell not in touched:
+            assert before.get(cell) == after.get(cell), (s["text"], cell)
+    delta = sum(len(a["cells"]) * {"add": 1, "remove": -1}.get(a["op"], 0) for a in atoms)
+    assert len(after) - len(before) == delta
+    if len(atoms) == 1 and atoms[0]["op"] in synth.CHANGE:
+        attr = synth.CHANGE[atoms[0]["op"]]
+        for c in atoms[0]["cells"]:
+            assert getattr(after[tuple(c)], attr) == atoms[0]["value"] != getattr(before[tuple(c)], attr)
+    if not atoms:
+        assert np.array_equal(s["image"], s["target"])
+    else:
+        assert not np.array_equal(s["image"], s["target"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_simple_edits(world):
+    fams = collections.Counter()
+    for s in samples(world, "edit", n=300):
+        fams[s["family"]] += 1
+        check_edit(s, world)
+        assert s["level"] == 0 and len(s["edit"]["atoms"]) == 1
+        assert s["edit"]["atoms"][0]["op"] == s["family"]
+    assert set(fams) == set(synth.EDIT_FAMILIES)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_intelligent_edits(world):
+    levels, noops = collections.Counter(), 0
+    for s in samples(world, "uniedit", n=600):
+        check_edit(s, world)
+        levels[s["level"]] += 1
+        probe = s["probe"]
+        # the probe is the VQA program embedded in the instruction, answered on the source image
+        assert synth.answer(probe["program"], synth.parse(s["image"], world).objects) == probe["answer"]
+        assert probe["question"] == synth.question_text(probe["program"])
+        e = s["edit"]
+        if e["branch"] is not None:  # the branch taken agrees with the answer to the probe
+            assert e["branch"] == (probe["answer"] == e["if_answer"])
+            if probe["program"][0] != "compare":  # "If it is red" / "If there are exactly 2"
+                assert e["if_answer"] in s["text"]
+            if not e["branch"] and "otherwise leave" in s["text"]:
+                assert not e["atoms"]
+        noops += not e["atoms"]
+        outside = re.sub(r"[Ii]f [^,]*,", "", s["text"]).lower()  # the answer may only sit in a condition
+        if probe["program"][0] == "count" or probe["program"][2][0] == "the":
+            assert probe["answer"] not in re.findall(r"[a-z0-9]+", outside), s["text"]
+    assert set(levels) == {0, 1, 2, 3}
+    assert 0.10 <= noops / 600 <= 0.20
+
+
+def test_splits_hold_out_combinations_and_counts():
+    w = synth.WORLDS["default"]
+    for task in synth.TASKS:
+        for split in ("train", "val"):
+            for s in samples(w, task, split, n=150):
+                for img in (s["image"], s["target"]):
+                    if img is not None:
+                        objs = synth.parse(img, w).objects
+                        assert len(objs) <= w.max_objects
+                        assert not any((o.shape, o.color) in w.heldout for o in objs)
+                assert not any(f"{c} {sh}" in s["text"] for sh, c in w.heldout)
+        assert all(synth.is_ood(s, w) for s in samples(w, task, "test_ood", n=50))
+
+
+def test_tokenizer_round_trips_every_text():
+    tok = synth.get_tokenizer("default")
+    assert [tok.token_to_id(t) for t in synth.SPECIALS] == list(range(len(synth.SPECIALS)))
+    for task in synth.TASKS:
+        for split in synth.SPLITS:
+            for s in samples("default", task, split, n=100):
+                for text in (s["text"], s["answer"], s["probe"] and s["probe"]["question"]):
+                    if text:
+                        ids = tok.encode(text).ids
+                        assert synth.SPECIALS.index("[UNK]") not in ids
+                        assert tok.decode(ids) == text
+
+
+def read_folder(path):
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def test_dataset_is_deterministic_and_reads_back(tmp_path):
+    a = synth.write_dataset(str(tmp_path / "a"), 300, "tiny", seed=1, workers=1)
+    b = synth.write_dataset(str(tmp_path / "b"), 300, "tiny", seed=1, workers=2)
+    c = synth.write_dataset(str(tmp_path / "c"), 300, "tiny", seed=2, workers=1)
+    assert read_folder(a) == read_folder(b)
+    assert read_folder(a)["samples.jsonl"] != read_folder(c)["samples.jsonl"]
+    ds = synth.Dataset(a)
+    assert {ds[i]["split"] for i in range(len(ds))} == set(synth.SPLITS)
+    for i in range(0, 300, 7):
+        got = ds[i]
+        want = synth.make_sample("tiny", got["task"], got["split"], i, seed=1)
+        assert got.keys() == want.keys()
+        for k in want:
+            if k in ("image", "target") and want[k] is not None:
+                assert np.array_equal(got[k], want[k])
+            else:
+                assert got[k] == want[k], k
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "synth.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_bad_input_gets_a_one_line_error(tmp_path):
+    for args, msg in [(["--out", str(tmp_path / "x"), "--world", "huge"], "unknown world"),
+                      (["--out", str(tmp_path / "x"), "--tasks", "vqa,draw"], "unknown task"),
+                      (["--out", str(tmp_path / "x"), "--preset", "uniedit-1m"], "unknown preset"),
+                      (["--out", str(tmp_path / "x"), "--n", "0"], "positive integer"),
+                      (["--out", str(tmp_path / "x"), "--n", "ten"], "positive integer")]:
+        r = run_cli(*args)
+        assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    r = run_cli("--out", str(keep), "--n", "5")
+    assert r.returncode != 0 and "not empty" in r.stderr
+    assert os.listdir(keep) == ["notes.txt"]
+    with pytest.raises(ValueError, match="unknown split"):
+        synth.make_sample("tiny", "vqa", "dev", 0)
+
+
+def test_corrupt_dataset_is_refused(tmp_path):
+    path = synth.write_dataset(str(tmp_path / "d"), 40, "tiny", workers=1)
+    lines = open(os.path.join(path, "samples.jsonl")).read().splitlines()
+    with open(os.path.join(path, "samples.jsonl"), "w") as f:
+        f.write("\n".join(lines[:30]) + "\n")
+    with pytest.raises(ValueError, match="samples.jsonl has 30 records"):
+        synth.Dataset(path)
+    with open(os.path.join(path, "images.npy"), "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="corrupt"):
+        synth.Dataset(path)
+    os.remove(os.path.join(path, "meta.json"))
+    r = run_cli("--show", path)
+    assert r.returncode != 0 and "meta.json is missing" in r.stderr
+
+
+def test_force_overwrites_only_its_own_files(tmp_path):
+    path = tmp_path / "d"
+    synth.write_dataset(str(path), 10, "tiny", workers=1)
+    (path / "notes.txt").write_text("precious")
+    r = run_cli("--out", str(path), "--n", "12", "--world", "tiny", "--force")
+    assert r.returncode == 0, r.stderr
+    assert (path / "notes.txt").read_text() == "precious"
+    assert json.load(open(path / "meta.json"))["n"] == 12
+
+
+def test_contact_sheet_on_the_fly(tmp_path):
+    png = tmp_path / "sheet.png"
+    r = run_cli("--show", "--world", "tiny", "--tasks", "uniedit", "--n", "4", "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    assert Image.open(png).size[1] > 4 * 32
