@@ -1,0 +1,145 @@
+"""Tests of the training loop: python -m pytest tests/test_train.py -q
+
+Runs use a narrow model (--width=64) and a handful of steps so the file stays fast on 2 cores."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--width=64", "--batch_size=8", "--micro_batch=8", "--max_steps=4", "--warmup=2", "--log_every=1",
+        "--save_every=2", "--eval_every=0"]
+
+
+def run(tmp_path, *args):
+    cfg = train.parse_args(FAST + [f"--out_dir={tmp_path}", *args])
+    return train.train(cfg)
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return {r["step"]: (r.get("ce"), r.get("flow")) for r in recs if "grad_norm" in r}
+
+
+def test_parse_args_types_unknown_keys_and_help():
+    cfg = train.parse_args(["--preset=small", "--lr=0.01", "--mot=1", "--max_steps=7", "--name=x"])
+    assert (cfg.world, cfg.lr, cfg.mot, cfg.max_steps, cfg.name, cfg.batch_size) == ("default", 0.01, True, 7, "x", 256)
+    with pytest.raises(ValueError, match="unknown key 'lrate'.*valid keys: preset"):
+        train.parse_args(["--lrate=1"])
+    with pytest.raises(ValueError, match="--max_steps='ten' is not a valid int"):
+        train.parse_args(["--max_steps=ten"])
+    with pytest.raises(ValueError, match="--mot='maybe' is not a valid bool"):
+        train.parse_args(["--mot=maybe"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        train.parse_args(["--recipe=magic"])
+    with pytest.raises(ValueError, match="not --key=value"):
+        train.parse_args(["--lr", "0.1"])
+    r = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--max_steps=2400" in r.stdout and "--recipe='pretrain'" in r.stdout
+    r = subprocess.run([sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: unknown key 'bogus'") and r.stderr.count("\n") == 1
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    full = run(tmp_path, "--name=full")
+    real_save = train.save_checkpoint
+
+    def save_then_die(run_dir, step, *a):
+        out = real_save(run_dir, step, *a)
+        if step == 2:
+            raise KeyboardInterrupt  # killed right after the mid-run checkpoint
+        return out
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--name=cut")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    with pytest.raises(ValueError, match="already holds checkpoints"):  # nothing is overwritten by accident
+        run(tmp_path, "--name=cut")
+    cut = run(tmp_path, "--name=cut", "--resume=1")
+    assert losses(cut) == losses(full)  # every step, exactly
+    a, b = load_file(os.path.join(full, "step_000004/model.safetensors")), load_file(os.path.join(cut, "step_000004/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    real = train.save_file
+    calls = []
+
+    def flaky(tensors, path):
+        calls.append(path)
+        if "step_000004" in path:
+            raise OSError("disk full")
+        return real(tensors, path)
+    monkeypatch.setattr(train, "save_file", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, "--name=r")
+    run_dir = os.path.join(tmp_path, "r")
+    assert train.newest_checkpoint(run_dir).endswith("step_000002")
+    monkeypatch.setattr(train, "save_file", real)
+    resumed = run(tmp_path, "--name=r", "--resume=1")
+    assert train.newest_checkpoint(resumed).endswith("step_000004")
+
+
+def test_recipes_init_from_and_flow_only_uniedit(tmp_path):
+    base = run(tmp_path, "--name=base", "--recipe=staged", "--max_steps=6", "--save_every=6")
+    stages = [json.loads(x).get("stage") for x in open(os.path.join(base, "log.jsonl"))]
+    assert stages[:6] == [0, 0, 1, 1, 2, 2]  # understanding, then generation, then joint
+    ema = load_file(os.path.join(base, "step_000006/ema.safetensors"))
+    for recipe in ("uniedit", "simple_edit", "mixed"):
+        out = run(tmp_path, f"--name={recipe}", f"--recipe={recipe}", f"--init_from={base}", "--max_steps=2")
+        recs = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+        assert all(r["flow"] > 0 for r in recs)
+        assert ("ce" in recs[0]) == (recipe == "mixed")  # uniedit and simple edits train the flow head alone
+    with pytest.raises(ValueError, match="pass --init_from"):
+        run(tmp_path, "--name=x", "--recipe=uniedit")
+    # --init_from loads the EMA weights: a run with lr 0 keeps them
+    out = run(tmp_path, "--name=frozen", "--recipe=mixed", f"--init_from={base}", "--max_steps=1", "--lr=0",
+              "--min_lr=0", "--weight_decay=0", "--save_every=1")
+    got = load_file(os.path.join(out, "step_000001/model.safetensors"))
+    assert all(torch.equal(got[k], ema[k]) for k in got)
+
+
+def test_bad_checkpoints_get_one_line_errors(tmp_path):
+    base = run(tmp_path, "--name=base", "--max_steps=2")
+    ckpt = os.path.join(base, "step_000002")
+    with pytest.raises(ValueError, match="has shape .* this model needs"):
+        run(tmp_path, "--name=wide", "--recipe=mixed", f"--init_from={ckpt}", "--width=128")
+    with open(os.path.join(ckpt, "ema.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"ema.safetensors is missing or corrupt"):
+        run(tmp_path, "--name=t", "--recipe=mixed", f"--init_from={ckpt}")
+    with pytest.raises(ValueError, match="no checkpoint there"):
+        run(tmp_path, "--name=t2", "--recipe=mixed", f"--init_from={tmp_path}/nothing")
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    args = FAST + ["--batch_size=8", "--micro_batch=4", "--max_steps=2", f"--out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *args, "--name=ddp"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "train.py", *args, "--name=one"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-4)
+    a = load_file(str(tmp_path / "one/step_000002/model.safetensors"))
+    b = load_file(str(tmp_path / "ddp/step_000002/model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_compiled_step_equals_eager(tmp_path, monkeypatch):
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the same noise draws as eager
+    eager = losses(run(tmp_path, "--name=eager", "--compile=0", "--max_steps=2"))
+    compiled = losses(run(tmp_path, "--name=compiled", "--compile=1", "--max_steps=2"))
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-5)

@@ -1,0 +1,526 @@
+"""Train nanoUMM: one loop for the CPU, one GPU and torchrun, driven by recipes.
+
+    python train.py                                         # tiny preset on the CPU, end to end
+    python train.py --recipe=uniedit --init_from=out/pretrain --name=uniedit
+    python train.py --preset=small                          # one GPU (bf16, torch.compile)
+    torchrun --standalone --nproc_per_node=4 train.py --preset=base
+    python train.py -h                                      # every key with its default
+
+Every key of TrainConfig below is a `--key=value` override; `--preset` picks model, world,
+batch and schedule together and explicit keys win over it. A recipe is a data mixture and
+loss weights (RECIPES); all recipes share this one loop.
+
+Determinism: the sample at each position of the stream and the random draws of each
+micro-batch (flow noise, t, condition dropout) are seeded by (seed, position), not by what
+ran before, so a resumed run, and a run split over ranks, sees exactly the same numbers.
+"""
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import synth
+from model import UMM, UMMConfig, collate
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"  # tiny (CPU) | small (one GPU) | base (a few GPUs)
+    recipe: str = "pretrain"  # see RECIPES
+    name: str = ""  # the run's folder is out_dir/name; default: the recipe's name
+    out_dir: str = "out"
+    init_from: str = ""  # checkpoint (or run folder: its newest) to start from; tuning recipes need one
+    resume: bool = False  # continue from the newest complete checkpoint of this run
+    seed: int = 0
+    # data
+    world: str = "tiny"
+    data: str = ""  # a synth.py dataset folder; default: samples made on the fly
+    mix: str = ""  # task weights "vqa:1,t2i:1,edit:1"; default: the recipe's
+    num_workers: int = 0  # DataLoader worker processes making batches
+    # optimisation
+    batch_size: int = 32  # global, in samples
+    micro_batch: int = 32  # per rank and forward pass; accumulation = batch_size / (micro_batch x ranks)
+    max_steps: int = 2400
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 0.05
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema: float = 0.995  # decay per step of the EMA weights that eval and sampling use
+    # model (0 or -1 = the preset's or recipe's value)
+    width: int = 0
+    mot: bool = False
+    refiner_layers: int = 0
+    src_pixel_dropout: float = -1.0
+    # speed
+    compile: int = -1  # -1: on CUDA only
+    device: str = ""  # default: cuda if available, else cpu
+    # logging, eval, checkpoints
+    log_every: int = 50
+    eval_every: int = 600  # 0: never
+    save_every: int = 600
+    keep: int = 2  # newest checkpoints kept
+    peak_tflops: float = 0.0  # for MFU; 0: the device's dense bf16 peak if known
+
+
+LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3")  # flow_tk: flow loss with t in [k/4, (k+1)/4)
+
+PRESETS = {  # what --preset sets; explicit --key=value overrides win
+    "tiny": dict(world="tiny"),
+    "small": dict(world="default", batch_size=256, micro_batch=64, max_steps=20_000, lr=1e-3, min_lr=1e-4,
+                  warmup=500, ema=0.9995, eval_every=2000, save_every=2000, log_every=100),
+    "base": dict(world="default", batch_size=512, micro_batch=64, max_steps=40_000, lr=6e-4, min_lr=6e-5,
+                 warmup=1000, ema=0.9999, eval_every=4000, save_every=2000, log_every=100),
+}
+
+# A recipe is a few lines of data and weights. Stages split max_steps by their fractions.
+RECIPES = {
+    "pretrain": dict(stages=[(1.0, "vqa:1,t2i:1,edit:1")], init=False),
+    "uniedit": dict(stages=[(1.0, "uniedit:1")], init=True, model=dict(ce_weight=0.0, src_pixel_dropout=1.0)),
+    "simple_edit": dict(stages=[(1.0, "edit:1")], init=True),
+    "mixed": dict(stages=[(1.0, "vqa:1,t2i:1,edit:1")], init=True),
+    "staged": dict(stages=[(0.3, "vqa:1"), (0.3, "t2i:1,edit:1"), (0.4, "vqa:1,t2i:1,edit:1")], init=False),
+}
+
+
+# ----------------------------------------------------------------------------- config
+
+def parse_args(argv):
+    """--key=value overrides typed from TrainConfig; --preset applies first, explicit keys win."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        for f in fields.values():
+            print(f"  --{f.name}={f.default!r}  ({f.type.__name__})")
+        sys.exit(0)
+    pairs = {}
+    for a in argv:
+        key, eq, value = a[2:].partition("=")
+        if not a.startswith("--") or not eq:
+            raise ValueError(f"argument {a!r} is not --key=value (see python train.py -h)")
+        if key not in fields:
+            raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(fields)}")
+        pairs[key] = value
+    preset = pairs.get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    cfg = TrainConfig(**PRESETS[preset])
+    for key, value in pairs.items():
+        setattr(cfg, key, convert(key, value, fields[key].type))
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
+    return cfg
+
+
+def convert(key, value, typ):
+    try:
+        if typ is bool:
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return value.lower() in ("1", "true")
+        return typ(value)
+    except ValueError:
+        raise ValueError(f"--{key}={value!r} is not a valid {typ.__name__}") from None
+
+
+def parse_mix(mix):
+    out = {}
+    for part in mix.split(","):
+        task, _, w = part.partition(":")
+        if task not in synth.TASKS:
+            raise ValueError(f"mix names unknown task {task!r}: choose from {', '.join(synth.TASKS)}")
+        out[task] = float(w or 1)
+    return out
+
+
+def task_counts(mix, n):
+    """A fixed number of samples per task in every micro-batch (largest remainder), so shapes never change."""
+    weights = parse_mix(mix)
+    total = sum(weights.values())
+    raw = {t: n * w / total for t, w in weights.items()}
+    counts = {t: int(r) for t, r in raw.items()}
+    for t in sorted(raw, key=lambda t: counts[t] - raw[t])[:n - sum(counts.values())]:
+        counts[t] += 1
+    return {t: c for t, c in counts.items() if c}
+
+
+def model_config(cfg, vocab_size):
+    """The preset's model, then the recipe's loss weights and dropouts, then explicit keys."""
+    mc = UMMConfig.preset(cfg.preset, vocab_size=vocab_size, image_size=synth.get_world(cfg.world).size,
+                          **RECIPES[cfg.recipe].get("model", {}))
+    overrides = dict(mot=cfg.mot, refiner_layers=cfg.refiner_layers)
+    if cfg.width:
+        overrides.update(width=cfg.width, depth=0, heads=0)
+    if cfg.src_pixel_dropout >= 0:
+        overrides["src_pixel_dropout"] = cfg.src_pixel_dropout
+    return dataclasses.replace(mc, **overrides)
+
+
+# ----------------------------------------------------------------------------- data
+
+class Stream(torch.utils.data.Dataset):
+    """Micro-batch `c` of the run: a fixed number of samples per task, each a pure function of
+    (seed, position); from a dataset folder, position p of task t is its train record perm[p]."""
+
+    def __init__(self, cfg, mix, tok, mcfg):
+        self.cfg, self.counts, self.tok, self.mcfg = cfg, task_counts(mix, cfg.micro_batch), tok, mcfg
+        self.world = synth.get_world(cfg.world)
+        self.ds = synth.Dataset(cfg.data) if cfg.data else None
+        if self.ds is not None:
+            if self.ds.world.size != self.world.size:
+                raise ValueError(f"dataset {cfg.data} has {self.ds.world.size}px images, --world={cfg.world} "
+                                 f"needs {self.world.size}px: pass the dataset's world")
+            recs = [json.loads(line) for line in self.ds._lines]
+            rng = np.random.default_rng(cfg.seed)
+            self.pools = {t: rng.permutation([i for i, r in enumerate(recs) if r["split"] == "train" and r["task"] == t])
+                          for t in self.counts}
+            for t, pool in self.pools.items():
+                if not len(pool):
+                    raise ValueError(f"dataset {cfg.data} has no train samples of task {t!r} that the mix needs")
+
+    def __len__(self):
+        return 1 << 40
+
+    def __getitem__(self, c):
+        samples = []
+        for t, n in self.counts.items():
+            for j in range(n):
+                p = c * self.cfg.micro_batch + j  # unique position of this sample in the run
+                if self.ds is None:
+                    samples.append(synth.make_sample(self.world, t, "train", p, self.cfg.seed))
+                else:
+                    samples.append(self.ds[int(self.pools[t][p % len(self.pools[t])])])
+        return collate(samples, self.mcfg, self.tok)
+
+
+def loader(stream, first_chunk, chunks, num_workers):
+    """Micro-batches first_chunk, first_chunk + stride, ... from background workers."""
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, sampler=chunks(first_chunk),
+                                            num_workers=num_workers, persistent_workers=False))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def newest_checkpoint(path):
+    """A checkpoint folder itself, or the newest complete step_* inside a run folder (or None)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    steps = sorted(glob.glob(os.path.join(path, "step_[0-9]*")))
+    steps = [s for s in steps if os.path.isfile(os.path.join(s, "config.json"))]
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
+    """Write step_NNNNNN under a temporary name and rename it when complete: a crash mid-save
+    leaves the previous checkpoints untouched and no half-written folder that looks complete."""
+    final = os.path.join(run_dir, f"step_{step:06d}")
+    tmp = os.path.join(run_dir, f".tmp_step_{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    save_file({k: v.cpu().contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:  # written last: its presence marks a complete folder
+        json.dump({**meta, "step": step}, f, indent=1)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in sorted(glob.glob(os.path.join(run_dir, "step_[0-9]*")))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_weights(path, name, model):
+    """Load `name` (model.safetensors / ema.safetensors) of a checkpoint into model, checking it fits."""
+    file = os.path.join(path, name)
+    try:
+        state = load_file(file)
+    except Exception as e:
+        raise ValueError(f"checkpoint file {file} is missing or corrupt ({type(e).__name__}: {e})") from None
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise ValueError(f"checkpoint file {file} lacks weight {k!r}: it was made by a different model config")
+        if state[k].shape != v.shape:
+            raise ValueError(f"checkpoint file {file}: {k} has shape {tuple(state[k].shape)}, this model needs "
+                             f"{tuple(v.shape)} (different preset or width?)")
+    extra = set(state) - set(own)
+    if extra:
+        raise ValueError(f"checkpoint file {file} has weights this model lacks ({sorted(extra)[0]}, ...): "
+                         f"check --mot/--refiner_layers")
+    model.load_state_dict(state)
+    return state
+
+
+def read_meta(path):
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint file {file} is missing or corrupt: {e}") from None
+
+
+# ----------------------------------------------------------------------------- training
+
+def lr_at(cfg, step):
+    """Linear warmup, then cosine from lr down to min_lr at max_steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    q = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * q))
+
+
+def stage_at(cfg, step):
+    """(stage index, mix) of a step: each stage of the recipe takes its fraction of max_steps."""
+    stages, edge = RECIPES[cfg.recipe]["stages"], 0.0
+    for i, (frac, mix) in enumerate(stages):
+        edge += frac * cfg.max_steps
+        if step < round(edge) or i == len(stages) - 1:
+            return i, (cfg.mix or mix)
+
+
+def peak_flops(cfg, device):
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":  # dense bf16 tensor-core peaks from the vendor's data sheets
+        name = torch.cuda.get_device_name(device)
+        for key, tf in (("H100", 989), ("H200", 989), ("A100", 312), ("L4", 121), ("4090", 165)):
+            if key in name:
+                return tf * 1e12
+    return None
+
+
+def setup_distributed(cfg):
+    """(rank, world_size, device); torchrun sets RANK/WORLD_SIZE, plain python runs one process."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def train(cfg):
+    rank, world_size, device = setup_distributed(cfg)
+    master = rank == 0
+    if cfg.batch_size % (cfg.micro_batch * world_size):
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} "
+                         f"x {world_size} ranks")
+    accum = cfg.batch_size // (cfg.micro_batch * world_size)
+    run_dir = os.path.join(cfg.out_dir, cfg.name or cfg.recipe)
+    tok = synth.get_tokenizer(cfg.world)
+    mcfg = model_config(cfg, tok.get_vocab_size())
+    torch.manual_seed(cfg.seed)
+    model = UMM(mcfg).to(device)
+
+    # where to start: resume this run, or initialise from another checkpoint, or from scratch
+    start, resume_from = 0, newest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start fresh")
+    if not cfg.resume and newest_checkpoint(run_dir) and master:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it or --name=NAME "
+                         f"for a new run (nothing is overwritten)")
+    if RECIPES[cfg.recipe]["init"] and not cfg.init_from and not resume_from:
+        raise ValueError(f"recipe {cfg.recipe!r} tunes a pretrained model: pass --init_from=CHECKPOINT")
+    if resume_from:
+        meta = read_meta(resume_from)
+        if meta["model"] != asdict(mcfg):
+            diff = [k for k in meta["model"] if meta["model"][k] != asdict(mcfg).get(k)]
+            raise ValueError(f"checkpoint {resume_from}/config.json has a different model config ({', '.join(diff)}) "
+                             f"than this run")
+        for key in ("recipe", "batch_size", "seed", "world", "mix", "data"):
+            if meta["train"][key] != getattr(cfg, key):
+                raise ValueError(f"checkpoint {resume_from}/config.json has {key}={meta['train'][key]!r}, "
+                                 f"this run {key}={getattr(cfg, key)!r}: resume with the same value")
+        load_weights(resume_from, "model.safetensors", model)
+        start = meta["step"]
+    elif cfg.init_from:
+        src = newest_checkpoint(cfg.init_from)
+        if src is None:
+            raise ValueError(f"--init_from={cfg.init_from}: no checkpoint there (a step_* folder or a run folder)")
+        load_weights(src, "ema.safetensors", model)  # tune from the EMA weights, as released models are
+    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    if resume_from:
+        ema = {k: v.to(device) for k, v in load_file(os.path.join(resume_from, "ema.safetensors")).items()}
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and embeddings of 1-D don't
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+    if resume_from:
+        try:
+            opt.load_state_dict(torch.load(os.path.join(resume_from, "optim.pt"), map_location=device))
+        except Exception as e:
+            raise ValueError(f"checkpoint file {resume_from}/optim.pt is missing or corrupt: {e}") from None
+
+    use_compile = cfg.compile == 1 or (cfg.compile == -1 and device.type == "cuda")
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world_size > 1 else None
+    step_model = ddp or model
+    loss_fn = torch.compile(step_model) if use_compile else step_model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    peak = peak_flops(cfg, device)
+
+    meta = {"model": asdict(mcfg), "train": asdict(cfg), "world": asdict(synth.get_world(cfg.world)),
+            "versions": {"torch": torch.__version__, "python": platform.python_version(), "synth": synth.VERSION}}
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        n = model.num_params()
+        print(f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n['total'] / 1e6:.2f} M params, "
+              f"{world_size} rank(s) on {device}, accumulation {accum}, compile {use_compile}, from step {start}")
+    log = open(os.path.join(run_dir, "log.jsonl"), "a") if master else None
+    stage, data = None, None
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not master, dynamic_ncols=True, desc=cfg.recipe)
+    t_last, sums, count = time.perf_counter(), torch.zeros(2, len(LOGGED)), 0  # (sum, n) per logged loss
+    for step in range(start, cfg.max_steps):
+        s, mix = stage_at(cfg, step)
+        if s != stage:  # a new stage (or the start) sets up the stream at this step's first micro-batch
+            stage = s
+            stream = Stream(cfg, mix, tok, mcfg)
+            per_step = accum * world_size
+            data = loader(stream, step * per_step + rank,
+                          lambda first: range(first, 1 << 40, world_size), cfg.num_workers)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        model.train()
+        step_loss = 0.0
+        for a in range(accum):
+            chunk = step * accum * world_size + a * world_size + rank
+            batch = {task: {k: v.to(device, non_blocking=True) for k, v in sub.items()} for task, sub in next(data).items()}
+            torch.manual_seed(synth.sample_seed("noise", cfg.seed, chunk))  # this micro-batch's noise, t, dropout
+            sync = ddp.no_sync() if ddp is not None and a < accum - 1 else contextlib.nullcontext()
+            with sync, amp:
+                loss, parts = loss_fn(batch)
+            with sync:
+                (loss / accum).backward()
+            step_loss += loss.item() / accum
+            for i, k in enumerate(LOGGED):
+                if k in parts:
+                    sums[:, i] += torch.tensor([parts[k].item(), 1.0])
+        if world_size > 1:  # every rank sees the global loss, so all of them stop together on a NaN
+            t = torch.tensor([step_loss], device=device)
+            dist.all_reduce(t)
+            step_loss = t.item() / world_size
+        if not math.isfinite(step_loss):  # stop before the update: nothing broken reaches a checkpoint
+            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the run stopped before updating "
+                                     f"the weights and saved nothing from it: lower --lr or check the data")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].lerp_(v.float(), 1 - cfg.ema)
+        count += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            if world_size > 1:
+                sums = sums.to(device)
+                dist.all_reduce(sums)
+            means = {k: (sums[0, i] / sums[1, i]).item() for i, k in enumerate(LOGGED) if sums[1, i] > 0}
+            dt = (time.perf_counter() - t_last) / count
+            counts = stream.counts
+            samples_per_s = cfg.batch_size / dt
+            flops = sum(n * model.flops_per_sample(t) for t, n in counts.items()) / cfg.micro_batch * samples_per_s
+            tokens = sum(n * model.layouts[synth_group(t)].T for t, n in counts.items()) / cfg.micro_batch * samples_per_s
+            images = sum(n for t, n in counts.items() if t != "vqa") / cfg.micro_batch * samples_per_s
+            rec = {"step": done, **means, "lr": lr_at(cfg, step), "grad_norm": gnorm,
+                   "ms_per_step": dt * 1e3, "tokens_per_s": tokens, "images_per_s": images,
+                   "mfu": flops / peak if peak else None, "stage": stage}
+            sums, count, t_last = torch.zeros(2, len(LOGGED)), 0, time.perf_counter()
+            if master:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                eta = dt * (cfg.max_steps - done)
+                mfu = f"{100 * rec['mfu']:.1f}%" if peak else "-"
+                bar.write(f"step {done:6d} | ce {rec.get('ce', float('nan')):.4f} | flow {rec.get('flow', float('nan')):.4f} | "
+                          f"lr {rec['lr']:.2e} | gnorm {gnorm:.2f} | {dt * 1e3:.0f} ms | {tokens:,.0f} tok/s | "
+                          f"{images:,.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min")
+        bar.update(1)
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            if master:
+                save_checkpoint(run_dir, done, model, ema, opt, meta, tok, cfg.keep)
+            if world_size > 1:
+                dist.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
+    bar.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def synth_group(task):
+    return {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit"}[task]
+
+
+# ----------------------------------------------------------------------------- eval during training
+
+@torch.no_grad()
+def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_size, n_vqa=128):
+    """With the EMA weights: val VQA accuracy (sharded over ranks, all-reduced) and, on rank 0, a grid
+    of generations and edits plus a few answers under run_dir/samples/."""
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.to(live[k].dtype) for k, v in ema.items()})
+    model.eval()
+    world = synth.get_world(cfg.world)
+    qs = [synth.make_sample(world, "vqa", "val", i) for i in range(rank, n_vqa, world_size)]
+    right = torch.zeros(2, device=device)
+    answers = []
+    for i in range(0, len(qs), 64):
+        part = qs[i:i + 64]
+        sub = {k: v.to(device) for k, v in collate([{**q, "answer": None} for q in part], mcfg, tok)["vqa"].items()}
+        out = model.generate_text(sub).tolist()
+        for q, ids in zip(part, out):
+            said = tok.decode(ids[:ids.index(synth.SPECIALS.index("[EOS]"))] if synth.SPECIALS.index("[EOS]") in ids else ids)
+            right[0] += said == q["answer"]
+            answers.append(f"{q['text']} -> {said} (truth {q['answer']})")
+    right[1] = len(qs)
+    if world_size > 1:
+        dist.all_reduce(right)
+    if rank == 0:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        acc = (right[0] / right[1]).item()
+        rows = []
+        g = torch.Generator().manual_seed(cfg.seed)
+        for task in ("t2i", "edit", "uniedit"):
+            ss = [synth.make_sample(world, task, "val", i) for i in range(8)]
+            sub = {k: v.to(device) for k, v in collate(ss, mcfg, tok)[synth_group(task)].items()}
+            made = model.sample(synth_group(task), sub, steps=20, generator=g)  # (8, 3, S, S)
+            made = ((made.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+            blank = np.zeros_like(made[0])
+            rows += [[s["image"] if s["image"] is not None else blank for s in ss], list(made), [s["target"] for s in ss]]
+        grid = np.concatenate([np.concatenate(r, 1) for r in rows], 0)
+        from PIL import Image
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
+            os.path.join(run_dir, "samples", f"step_{step:06d}.png"))
+        with open(os.path.join(run_dir, "samples", f"step_{step:06d}.txt"), "w") as f:
+            f.write(f"val VQA accuracy {acc:.3f} on {int(right[1])} questions\n" + "\n".join(answers[:16]) + "\n")
+        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "val_vqa_acc": acc}) + "\n")
+        tqdm.write(f"eval step {step}: val VQA accuracy {acc:.3f} (EMA); grid in {run_dir}/samples/step_{step:06d}.png")
+    model.load_state_dict(live)
+
+
+if __name__ == "__main__":
+    try:
+        train(parse_args(sys.argv[1:]))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
