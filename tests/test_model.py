@@ -1,0 +1,224 @@
+"""Tests of model.py on the tiny world: python -m pytest tests/test_model.py -q (about a minute on 2 CPU cores)."""
+import pytest
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+import model as M
+import synth
+from model import PAD, UMM, UMMConfig, collate, euler, timestep_features
+
+TOK = synth.get_tokenizer("tiny")
+
+
+def tiny(**overrides):
+    return UMM(UMMConfig.preset("tiny", vocab_size=TOK.get_vocab_size(), **overrides))
+
+
+def samples(task, n, start=0):
+    return [synth.make_sample("tiny", task, "train", start + i) for i in range(n)]
+
+
+def randomize_flow_head(model):  # the zero-initialised output would make every velocity 0
+    torch.manual_seed(1)
+    for blk in model.head:
+        torch.nn.init.normal_(blk.ada.weight, std=0.02)
+    torch.nn.init.normal_(model.to_pixels.weight, std=0.02)
+
+
+def logits_with_bump(model, task, sub, pos=None, keep_sem=True):
+    """LM logits at every position of the trunk, after adding 1 to the input vector at position pos."""
+    B = sub["tokens"].shape[0]
+    ones = torch.ones(B, dtype=torch.bool)
+    torch.manual_seed(2)
+    x_t = torch.randn(B, model.n, 3 * model.cfg.patch ** 2)
+    temb = model.t_mlp(timestep_features(torch.full((B,), 0.5), model.cfg.width))
+    keep = torch.full((B,), keep_sem)
+    x, vis = model.embed(task, sub["tokens"], sub.get("sem"), sub.get("source"), x_t, temb, keep, ones)
+    if pos is not None:
+        x[:, pos] += 1.0
+    h = model.trunk(x, model.mask(task, vis), gen=model.layouts[task].noisy)
+    return model.lm_head(model.norm(h))  # (B, T, V)
+
+
+def changed(a, b):  # (T,) bool: positions whose logits moved in any sample
+    return (a - b).abs().amax(dim=(0, 2)) > 1e-5
+
+
+@torch.no_grad()
+def test_mask_rule():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    edit = collate(samples("uniedit", 2), model.cfg, TOK)["edit"]
+    vqa = collate(samples("vqa", 2), model.cfg, TOK)["vqa"]
+    E, V = model.layouts["edit"], model.layouts["vqa"]
+    base = logits_with_bump(model, "edit", edit)
+    # a noisy token changes its own image (all of it: bidirectional) and nothing else, not even EOI after it
+    moved = changed(base, logits_with_bump(model, "edit", edit, E.noisy.start + 5))
+    expect = torch.zeros(E.T, dtype=torch.bool)
+    expect[E.noisy] = True
+    assert torch.equal(moved, expect)
+    # the last token of the clean source and of the semantic source reach their image's first token
+    for seg in (E.clean, E.sem):
+        moved = changed(base, logits_with_bump(model, "edit", edit, seg.stop - 1))
+        assert moved[seg].all() and not moved[:seg.start].any()
+    # a text token changes itself and every later position, never an earlier one
+    k = V.text.stop - 3
+    moved = changed(logits_with_bump(model, "vqa", vqa), logits_with_bump(model, "vqa", vqa, k))
+    assert not moved[:k].any() and moved[k:].all()
+    # a dropped semantic source is invisible to the text after it
+    off = logits_with_bump(model, "edit", edit, keep_sem=False)
+    assert not changed(off, logits_with_bump(model, "edit", edit, E.sem.start + 3, keep_sem=False))[E.text].any()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_flex_attention_matches_dense_masks(device, monkeypatch):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("compiled FlexAttention needs CUDA")
+    torch.manual_seed(0)
+    model = tiny().to(device).eval()
+    randomize_flow_head(model)
+    if device == "cpu":  # eager FlexAttention runs forward-only on CPU, which still checks the block mask
+        monkeypatch.setattr(M, "compiled_flex_attention", lambda: flex_attention)
+        monkeypatch.setattr(model, "mask", lambda task, vis: M.attention_mask(model.layouts[task].img, vis, model.cfg.flex))
+    batch = collate(samples("vqa", 2) + samples("t2i", 1) + samples("uniedit", 2), model.cfg, TOK)
+    batch = {g: {k: v.to(device) for k, v in sub.items()} for g, sub in batch.items()}
+    out = {}
+    for flex in (True, False):
+        model.cfg.flex = flex
+        torch.manual_seed(0)
+        with torch.set_grad_enabled(device == "cuda"):  # FlexAttention has no CPU backward
+            total, parts = model.loss(batch)
+            x_t = torch.randn_like(batch["edit"]["target"])
+            v = model.velocity("edit", batch["edit"], x_t, 0.7, txt=False)
+        grad = torch.autograd.grad(total, model.blocks[0].und.qkv.weight)[0] if device == "cuda" else None
+        out[flex] = (parts["ce"], parts["flow"], v, grad)
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_overfit_one_batch_of_each_task():
+    torch.manual_seed(0)
+    model = tiny(txt_dropout=0.0, src_dropout=0.0, src_pixel_dropout=0.0)
+    batch = collate(samples("vqa", 2) + samples("t2i", 2) + samples("uniedit", 2), model.cfg, TOK)
+    assert set(batch) == {"vqa", "t2i", "edit"}
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    for step in range(150):
+        torch.manual_seed(0)  # the same t and noise every step, so the flow loss can reach zero too
+        total, parts = model.loss(batch)
+        if step == 0:
+            first = parts
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert first["ce"] > 3 and first["flow"] > 1
+    assert parts["ce"] < 0.01, parts
+    assert parts["flow"] < 0.05, parts
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_equals_uncached(temperature):
+    torch.manual_seed(0)
+    model = tiny().eval()
+    sub = collate(samples("vqa", 8), model.cfg, TOK)["vqa"]
+    runs = [model.generate_text(sub, 6, temperature, use_cache, torch.Generator().manual_seed(3))
+            for use_cache in (True, False)]
+    assert runs[0].shape == (8, 6)
+    assert torch.equal(runs[0], runs[1])
+    assert len(set(runs[0].flatten().tolist())) > 3  # real, varied decoding
+
+
+def test_euler_recovers_the_target_of_an_exact_field():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 8, 8)
+    velocity = lambda x, t: (x - x0) / t  # = eps - x0 on the straight path through x
+    for shift in (1.0, 3.0):
+        torch.testing.assert_close(euler(velocity, torch.randn(2, 3, 8, 8), steps=7, shift=shift), x0)
+
+
+@torch.no_grad()
+def test_guidance_at_scale_one_is_the_conditional_velocity():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    randomize_flow_head(model)
+    batch = collate(samples("t2i", 2) + samples("edit", 2), model.cfg, TOK)
+    for task in ("t2i", "edit"):
+        x_t = torch.randn(2, 3, 32, 32)
+        full = model.velocity(task, batch[task], x_t, 0.6)
+        assert (full - model.velocity(task, batch[task], x_t, 0.6, False, False)).abs().max() > 1e-4
+        torch.testing.assert_close(model.guided_velocity(task, batch[task], x_t, 0.6, 1.0, 1.0), full)
+    assert (model.velocity("edit", batch["edit"], x_t, 0.6, img=False) - full).abs().max() > 1e-4
+    images = model.sample("edit", batch["edit"], steps=2, shift=3.0, txt_scale=4.0, img_scale=1.5)
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+
+
+def train_losses(model, steps=40):
+    batch = collate(samples("t2i", 2) + samples("uniedit", 2), model.cfg, TOK)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(0)
+        total, _ = model.loss(batch)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(total.item())
+    return losses
+
+
+def test_mot_and_refiner_train_and_add_their_weights():
+    torch.manual_seed(0)
+    plain = tiny().num_params()["total"]
+    mot, refined = tiny(mot=True), tiny(refiner_layers=2)
+    expert = sum(p.numel() for p in mot.blocks[0].und.parameters())
+    assert mot.num_params()["total"] - plain == mot.cfg.depth * expert
+    block = sum(p.numel() for p in refined.refiner[0].parameters())
+    assert refined.num_params()["total"] - plain == 2 * block + refined.cfg.width  # blocks + CLS
+    assert mot.flops_per_sample("edit") == tiny().flops_per_sample("edit")  # one expert per token
+    for model, used in ((mot, mot.blocks[0].gen.qkv.weight), (refined, refined.cls)):
+        losses = train_losses(model)
+        assert losses[-1] < 0.55 * losses[0], losses
+        assert used.grad is not None and used.grad.abs().sum() > 0
+
+
+def test_collate_layout_and_accounting():
+    cfg = tiny().cfg
+    mixed = samples("vqa", 2) + samples("t2i", 1) + samples("edit", 1) + samples("uniedit", 1)
+    batch = collate(mixed, cfg, TOK)
+    model = tiny()
+    V, E = model.layouts["vqa"], model.layouts["edit"]
+    assert batch["vqa"]["tokens"].shape == (2, V.T) and batch["edit"]["tokens"].shape == (2, E.T)
+    assert batch["edit"]["rows"].tolist() == [3, 4]
+    vqa = batch["vqa"]["tokens"][0]
+    question = TOK.encode(mixed[0]["text"]).ids
+    assert vqa[V.text].tolist() == [PAD] * (cfg.text_len - len(question) - 1) + question + [5]  # left-padded, SEP
+    assert vqa[V.answer].tolist() == TOK.encode(mixed[0]["answer"]).ids + [2] + [PAD] * (cfg.answer_len - 2)
+    assert batch["edit"]["source"].shape == (2, 3, 32, 32) and batch["edit"]["source"].min() >= -1
+    total, parts = model.loss(batch)
+    assert {"ce", "flow"} <= set(parts) and torch.isfinite(total)
+    n = model.num_params()
+    assert 1e6 < n["total"] < 3e6 and n["matmul"] < n["total"]
+    assert model.flops_per_sample("uniedit") > model.flops_per_sample("t2i") > 6 * n["matmul"] * 0.2
+
+
+def test_bad_inputs_get_one_line_errors():
+    model = tiny()
+    cfg = model.cfg
+    bad = dict(samples("uniedit", 1)[0])
+    for image, limit in (((16, 16, 3), "image_size=32"), ((32, 32, 4), "(32, 32, 3)")):
+        with pytest.raises(ValueError, match=limit.replace("(", r"\(").replace(")", r"\)")):
+            collate([dict(bad, image=torch.zeros(image, dtype=torch.uint8).numpy())], cfg, TOK)
+    sub = collate([bad], cfg, TOK)["edit"]
+    for shape in ((1, 3, 16, 16), (1, 4, 32, 32)):
+        with pytest.raises(ValueError, match="image_size=32"):
+            model.velocity("edit", sub, torch.zeros(shape), 0.5)
+    with pytest.raises(ValueError, match="text_len=64"):
+        collate([dict(bad, text="paint the red circle blue. " * 20)], cfg, TOK)
+    with pytest.raises(ValueError, match="heads=3"):
+        UMMConfig(width=128, heads=3)
+    with pytest.raises(ValueError, match="patch=5"):
+        UMMConfig(image_size=32, patch=5)
+    with pytest.raises(ValueError, match="vocab_size"):
+        UMM(UMMConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="preset"):
+        UMMConfig.preset("huge")
