@@ -33,7 +33,10 @@ Measured with `python model.py` (2-core CPU, fp32, 2 threads; best of 10):
 `python -m pytest tests/test_model.py -q`: 21 s on the same machine.
 """
 import functools
+import glob
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -41,7 +44,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+import kernels
 
 PAD, BOS, EOS, BOI, EOI, SEP = 0, 1, 2, 3, 4, 5  # ids of synth.SPECIALS
 TASK_GROUP = {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit"}
@@ -56,12 +62,15 @@ class UMMConfig:
     patch: int = 8  # px per patch side; the world's cell size gives one token per cell
     enc_depth: int = 2  # semantic ViT encoder blocks
     head_depth: int = 2  # adaLN flow-head blocks
-    text_len: int = 64  # the fixed text slot (question + SEP for vqa); synth texts reach 54 tokens
+    vqa_text: int = 24  # fixed text slot of each layout, in tokens: synth's longest texts are a probe question
+    t2i_text: int = 56  # + SEP (18), a 6-object test_ood caption (54) and an intelligent edit (28)
+    edit_text: int = 32
     answer_len: int = 4  # the vqa answer slot (answer + EOS)
     vocab_size: int = 0  # tokenizer.get_vocab_size()
     mot: bool = False  # BAGEL's mixture-of-transformers: own trunk weights for the noisy image tokens
     refiner_layers: int = 0  # Ovis-U1's bidirectional refiner; its CLS output joins the timestep embedding
     flex: bool = True  # FlexAttention block masks on CUDA (dense-mask SDPA on CPU)
+    kernels: bool = False  # the fused Triton ops of kernels.py (CUDA or TRITON_INTERPRET=1), else torch references
     rope_base: float = 10000.0
     ce_weight: float = 1.0  # total = ce_weight * ce + flow_weight * flow; ce_weight=0 is flow-only
     flow_weight: float = 1.0
@@ -95,31 +104,12 @@ PRESETS = {
 }
 
 
-# --- the four hot ops, as torch references (kernels.py holds the fused versions with these signatures) ---
-def rmsnorm(x, weight, eps=1e-6):
-    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-def rmsnorm_modulate(x, scale, shift, eps=1e-6):  # x (B, T, C), scale/shift (B, C)
-    y = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
-    return y * (1 + scale[:, None]) + shift[:, None]
-
-
-def rope(x, cos, sin):  # x (B, H, T, D), cos/sin (T, D/2): rotate the two halves of each head
-    x1, x2 = x.float().chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
-
-
-def swiglu(gate, up):
-    return F.silu(gate) * up
-
-
 # --- layouts and the attention rule ---
 class Layout:
     """Where each segment of a task's sequence sits; img marks image tokens (1 sem, 2 clean, 3 noisy)."""
 
     def __init__(self, cfg, task):
-        n, L = (cfg.image_size // cfg.patch) ** 2, cfg.text_len
+        n, L = (cfg.image_size // cfg.patch) ** 2, getattr(cfg, f"{task}_text")
         seg = {"vqa": [("bos", 1), ("sem", n), ("text", L), ("answer", cfg.answer_len)],
                "t2i": [("bos", 1), ("text", L), ("boi", 1), ("noisy", n), ("eoi", 1)],
                "edit": [("bos", 1), ("sem", n), ("text", L), ("boi", 1), ("clean", n), ("noisy", n), ("eoi", 1)]}[task]
@@ -179,12 +169,12 @@ def unpatchify(x, p):  # (B, N, 3 p p) -> (B, 3, S, S)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, fused=False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight, self.fused = nn.Parameter(torch.ones(dim)), fused
 
     def forward(self, x):
-        return rmsnorm(x, self.weight)
+        return kernels.rmsnorm(x, self.weight, use_triton=self.fused)
 
 
 class Expert(nn.Module):
@@ -192,14 +182,14 @@ class Expert(nn.Module):
 
     def __init__(self, cfg, norms=True):
         super().__init__()
-        C = cfg.width
-        self.norms = nn.ModuleList([RMSNorm(C), RMSNorm(C)] if norms else [])
+        C, self.fused = cfg.width, cfg.kernels
+        self.norms = nn.ModuleList([RMSNorm(C, cfg.kernels), RMSNorm(C, cfg.kernels)] if norms else [])
         self.qkv, self.proj = nn.Linear(C, 3 * C, bias=False), nn.Linear(C, C, bias=False)
         self.fc, self.out = nn.Linear(C, 2 * cfg.hidden, bias=False), nn.Linear(cfg.hidden, C, bias=False)
 
     def mlp(self, h):
         gate, up = self.fc(h).chunk(2, -1)  # 2 x (B, T, hidden)
-        return self.out(swiglu(gate, up))
+        return self.out(kernels.swiglu(gate, up, use_triton=self.fused))
 
 
 class Block(nn.Module):
@@ -208,7 +198,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg, mot=False, adaln=False):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.fused = cfg.heads, cfg.kernels
         self.und = Expert(cfg, norms=not adaln)
         self.gen = Expert(cfg) if mot else None
         self.ada = nn.Linear(cfg.width, 6 * cfg.width, bias=False) if adaln else None
@@ -224,7 +214,8 @@ class Block(nn.Module):
             return torch.cat([fn(self.und, h[:, :a]), fn(self.gen, h[:, a:b]), fn(self.und, h[:, b:])], 1)
 
         def norm(e, h, i):  # pre-norm of branch i
-            return e.norms[i](h) if mods is None else rmsnorm_modulate(h, mods[3 * i + 1], mods[3 * i])
+            return e.norms[i](h) if mods is None else kernels.rmsnorm_modulate(
+                h, mods[3 * i + 1], mods[3 * i], use_triton=self.fused)
 
         def gate(h, i):
             return h if mods is None else mods[3 * i + 2][:, None] * h
@@ -232,7 +223,8 @@ class Block(nn.Module):
         qkv = each(lambda e, h: e.qkv(norm(e, h, 0)), x)  # (B, T, 3C)
         q, k, v = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         if cos is not None:
-            q, k = rope(torch.cat([q, k], 1), cos, sin).chunk(2, 1)  # one call rotates queries and keys
+            qk = kernels.rope(torch.cat([q, k], 1), cos, sin, use_triton=self.fused)  # one call rotates q and k
+            q, k = qk.chunk(2, 1)
         if cache is not None:  # decoding: keys and values of earlier positions come from the cache
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # (B, H, Tk, D)
@@ -265,7 +257,7 @@ class UMM(nn.Module):
         self.enc_in = nn.Linear(pd, C, bias=False)
         self.enc_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)  # row and column embeddings
         self.encoder = nn.ModuleList([Block(cfg) for _ in range(cfg.enc_depth)])
-        self.enc_norm = RMSNorm(C)
+        self.enc_norm = RMSNorm(C, cfg.kernels)
         self.adapter = nn.Sequential(nn.Linear(C, C, bias=False), nn.GELU(), nn.Linear(C, C, bias=False))
         # pixel path
         self.pix_in = nn.Linear(pd, C, bias=False)
@@ -274,13 +266,13 @@ class UMM(nn.Module):
         # trunk
         self.tok_emb = nn.Embedding(cfg.vocab_size, C)
         self.blocks = nn.ModuleList([Block(cfg, mot=cfg.mot) for _ in range(cfg.depth)])
-        self.norm = RMSNorm(C)
+        self.norm = RMSNorm(C, cfg.kernels)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         # flow head (with the optional refiner whose CLS output conditions it)
         self.refiner = nn.ModuleList([Block(cfg) for _ in range(cfg.refiner_layers)])
         self.cls = nn.Parameter(torch.randn(C) * 0.02) if cfg.refiner_layers else None
         self.head = nn.ModuleList([Block(cfg, adaln=True) for _ in range(cfg.head_depth)])
-        self.head_norm = RMSNorm(C)
+        self.head_norm = RMSNorm(C, cfg.kernels)
         self.to_pixels = nn.Linear(C, pd, bias=False)
         T_max = max(L.T for L in self.layouts.values()) + 64  # room for decoding past the answer slot
         D = C // cfg.heads
@@ -505,8 +497,9 @@ def collate(samples, cfg, tokenizer):
     for row, s in enumerate(samples):
         task = TASK_GROUP[s["task"]]
         L, ids = layouts[task], tokenizer.encode(s["text"]).ids + ([SEP] if task == "vqa" else [])
-        if len(ids) > cfg.text_len:
-            raise ValueError(f"text of {len(ids)} tokens exceeds UMMConfig.text_len={cfg.text_len}: raise text_len")
+        limit = getattr(cfg, f"{task}_text")
+        if len(ids) > limit:
+            raise ValueError(f"text of {len(ids)} tokens exceeds UMMConfig.{task}_text={limit}: raise {task}_text")
         tokens = torch.full((L.T,), PAD)  # (T,)
         tokens[0] = BOS
         tokens[L.text.stop - len(ids):L.text.stop] = torch.tensor(ids, dtype=torch.long)  # left-padded text
@@ -526,6 +519,63 @@ def collate(samples, cfg, tokenizer):
                 item["target"] = image(s["target"])
         groups.setdefault(task, []).append(item)
     return {task: {k: torch.stack([it[k] for it in items]) for k in items[0]} for task, items in groups.items()}
+
+
+# --- loading a trained model (checkpoints are written by train.py) ---
+def newest_checkpoint(path):
+    """A checkpoint folder itself, or the newest complete step_* inside a run folder (or None)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    steps = sorted(glob.glob(os.path.join(path, "step_[0-9]*")))
+    steps = [s for s in steps if os.path.isfile(os.path.join(s, "config.json"))]
+    return steps[-1] if steps else None
+
+
+def load_weights(path, name, model):
+    """Load `name` (model.safetensors / ema.safetensors) of a checkpoint into model, checking it fits."""
+    file = os.path.join(path, name)
+    try:
+        state = load_file(file)
+    except Exception as e:
+        raise ValueError(f"checkpoint file {file} is missing or corrupt ({type(e).__name__}: {e})") from None
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise ValueError(f"checkpoint file {file} lacks weight {k!r}: it was made by a different model config")
+        if state[k].shape != v.shape:
+            raise ValueError(f"checkpoint file {file}: {k} has shape {tuple(state[k].shape)}, this model needs "
+                             f"{tuple(v.shape)} (different preset or width?)")
+    extra = set(state) - set(own)
+    if extra:
+        raise ValueError(f"checkpoint file {file} has weights this model lacks ({sorted(extra)[0]}, ...): "
+                         f"check --mot/--refiner_layers")
+    model.load_state_dict(state)
+    return state
+
+
+def read_meta(path):
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint file {file} is missing or corrupt: {e}") from None
+
+
+def load_checkpoint(path, weights="ema", device="cpu"):
+    """(model in eval mode, tokenizer, meta) from a step_* checkpoint folder or a run folder (its newest)."""
+    from tokenizers import Tokenizer
+    ckpt = newest_checkpoint(path) if os.path.isdir(path) else None
+    if ckpt is None:
+        raise ValueError(f"no checkpoint at {path}: pass a step_NNNNNN folder or a run folder that holds one")
+    meta = read_meta(ckpt)
+    try:
+        tok = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    except Exception as e:
+        raise ValueError(f"checkpoint file {ckpt}/tokenizer.json is missing or corrupt: {e}") from None
+    model = UMM(UMMConfig(**meta["model"]))
+    load_weights(ckpt, f"{weights}.safetensors", model)
+    return model.to(device).eval(), tok, meta
 
 
 if __name__ == "__main__":  # the measurements in the module docstring

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import synth
-from model import UMM, UMMConfig, collate
+from model import UMM, UMMConfig, collate, load_weights, newest_checkpoint, read_meta
 
 
 @dataclass
@@ -66,6 +66,7 @@ class TrainConfig:
     mot: bool = False
     refiner_layers: int = 0
     src_pixel_dropout: float = -1.0
+    kernels: bool = False  # the fused Triton ops of kernels.py (on CUDA)
     # speed
     compile: int = -1  # -1: on CUDA only
     device: str = ""  # default: cuda if available, else cpu
@@ -162,7 +163,7 @@ def model_config(cfg, vocab_size):
     """The preset's model, then the recipe's loss weights and dropouts, then explicit keys."""
     mc = UMMConfig.preset(cfg.preset, vocab_size=vocab_size, image_size=synth.get_world(cfg.world).size,
                           **RECIPES[cfg.recipe].get("model", {}))
-    overrides = dict(mot=cfg.mot, refiner_layers=cfg.refiner_layers)
+    overrides = dict(mot=cfg.mot, refiner_layers=cfg.refiner_layers, kernels=cfg.kernels)
     if cfg.width:
         overrides.update(width=cfg.width, depth=0, heads=0)
     if cfg.src_pixel_dropout >= 0:
@@ -215,15 +216,6 @@ def loader(stream, first_chunk, chunks, num_workers):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def newest_checkpoint(path):
-    """A checkpoint folder itself, or the newest complete step_* inside a run folder (or None)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    steps = sorted(glob.glob(os.path.join(path, "step_[0-9]*")))
-    steps = [s for s in steps if os.path.isfile(os.path.join(s, "config.json"))]
-    return steps[-1] if steps else None
-
-
 def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
     """Write step_NNNNNN under a temporary name and rename it when complete: a crash mid-save
     leaves the previous checkpoints untouched and no half-written folder that looks complete."""
@@ -243,37 +235,6 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
     for old in sorted(glob.glob(os.path.join(run_dir, "step_[0-9]*")))[:-keep]:
         shutil.rmtree(old)
     return final
-
-
-def load_weights(path, name, model):
-    """Load `name` (model.safetensors / ema.safetensors) of a checkpoint into model, checking it fits."""
-    file = os.path.join(path, name)
-    try:
-        state = load_file(file)
-    except Exception as e:
-        raise ValueError(f"checkpoint file {file} is missing or corrupt ({type(e).__name__}: {e})") from None
-    own = model.state_dict()
-    for k, v in own.items():
-        if k not in state:
-            raise ValueError(f"checkpoint file {file} lacks weight {k!r}: it was made by a different model config")
-        if state[k].shape != v.shape:
-            raise ValueError(f"checkpoint file {file}: {k} has shape {tuple(state[k].shape)}, this model needs "
-                             f"{tuple(v.shape)} (different preset or width?)")
-    extra = set(state) - set(own)
-    if extra:
-        raise ValueError(f"checkpoint file {file} has weights this model lacks ({sorted(extra)[0]}, ...): "
-                         f"check --mot/--refiner_layers")
-    model.load_state_dict(state)
-    return state
-
-
-def read_meta(path):
-    file = os.path.join(path, "config.json")
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint file {file} is missing or corrupt: {e}") from None
 
 
 # ----------------------------------------------------------------------------- training

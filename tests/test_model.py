@@ -191,7 +191,7 @@ def test_collate_layout_and_accounting():
     assert batch["edit"]["rows"].tolist() == [3, 4]
     vqa = batch["vqa"]["tokens"][0]
     question = TOK.encode(mixed[0]["text"]).ids
-    assert vqa[V.text].tolist() == [PAD] * (cfg.text_len - len(question) - 1) + question + [5]  # left-padded, SEP
+    assert vqa[V.text].tolist() == [PAD] * (cfg.vqa_text - len(question) - 1) + question + [5]  # left-padded, SEP
     assert vqa[V.answer].tolist() == TOK.encode(mixed[0]["answer"]).ids + [2] + [PAD] * (cfg.answer_len - 2)
     assert batch["edit"]["source"].shape == (2, 3, 32, 32) and batch["edit"]["source"].min() >= -1
     total, parts = model.loss(batch)
@@ -212,7 +212,7 @@ def test_bad_inputs_get_one_line_errors():
     for shape in ((1, 3, 16, 16), (1, 4, 32, 32)):
         with pytest.raises(ValueError, match="image_size=32"):
             model.velocity("edit", sub, torch.zeros(shape), 0.5)
-    with pytest.raises(ValueError, match="text_len=64"):
+    with pytest.raises(ValueError, match="edit_text=32"):
         collate([dict(bad, text="paint the red circle blue. " * 20)], cfg, TOK)
     with pytest.raises(ValueError, match="heads=3"):
         UMMConfig(width=128, heads=3)
