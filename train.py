@@ -435,30 +435,20 @@ def synth_group(task):
 # ----------------------------------------------------------------------------- eval during training
 
 @torch.no_grad()
-def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_size, n_vqa=128):
-    """With the EMA weights: val VQA accuracy (sharded over ranks, all-reduced) and, on rank 0, a grid
-    of generations and edits plus a few answers under run_dir/samples/."""
+def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_size):
+    """With the EMA weights: eval.evaluate on small val sets (each rank scores its share, the records are
+    gathered) and, on rank 0, its table, the headline numbers in log.jsonl and a grid of generations and
+    edits under run_dir/samples/."""
+    from eval import evaluate, headline, to_markdown  # as a module name, eval would shadow the builtin here
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.to(live[k].dtype) for k, v in ema.items()})
     model.eval()
     world = synth.get_world(cfg.world)
-    qs = [synth.make_sample(world, "vqa", "val", i) for i in range(rank, n_vqa, world_size)]
-    right = torch.zeros(2, device=device)
-    answers = []
-    for i in range(0, len(qs), 64):
-        part = qs[i:i + 64]
-        sub = {k: v.to(device) for k, v in collate([{**q, "answer": None} for q in part], mcfg, tok)["vqa"].items()}
-        out = model.generate_text(sub).tolist()
-        for q, ids in zip(part, out):
-            said = tok.decode(ids[:ids.index(synth.SPECIALS.index("[EOS]"))] if synth.SPECIALS.index("[EOS]") in ids else ids)
-            right[0] += said == q["answer"]
-            answers.append(f"{q['text']} -> {said} (truth {q['answer']})")
-    right[1] = len(qs)
-    if world_size > 1:
-        dist.all_reduce(right)
+    # small counts keep an eval of the tiny preset to seconds; python eval.py scores a checkpoint fully
+    results = evaluate(model, tok, world, "val", n=128, n_t2i=28, samples_per_prompt=2, n_edit=32, device=device,
+                       rank=rank, world_size=world_size, progress=False)
     if rank == 0:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        acc = (right[0] / right[1]).item()
         rows = []
         g = torch.Generator().manual_seed(cfg.seed)
         for task in ("t2i", "edit", "uniedit"):
@@ -472,11 +462,13 @@ def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_
         from PIL import Image
         Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
             os.path.join(run_dir, "samples", f"step_{step:06d}.png"))
-        with open(os.path.join(run_dir, "samples", f"step_{step:06d}.txt"), "w") as f:
-            f.write(f"val VQA accuracy {acc:.3f} on {int(right[1])} questions\n" + "\n".join(answers[:16]) + "\n")
+        with open(os.path.join(run_dir, "samples", f"step_{step:06d}.md"), "w") as f:
+            f.write(to_markdown(results, f"step {step}, EMA weights"))
+        scores = headline(results)
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "val_vqa_acc": acc}) + "\n")
-        tqdm.write(f"eval step {step}: val VQA accuracy {acc:.3f} (EMA); grid in {run_dir}/samples/step_{step:06d}.png")
+            f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in scores.items()}}) + "\n")
+        tqdm.write(f"eval step {step} (EMA): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+                   + f"; table and grid in {run_dir}/samples/step_{step:06d}.md/.png")
     model.load_state_dict(live)
 
 

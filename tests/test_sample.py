@@ -1,0 +1,119 @@
+"""Tests of sample.py: python -m pytest tests/test_sample.py -q
+
+Each mode runs on a 2-step checkpoint of a narrow model (made once for the module) with 2 Euler steps;
+every kind of bad input must end in a one-line error."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import synth
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W = synth.get_world("tiny")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These batches are tiny, and on a shared 2-core machine a second thread that waits for a busy core
+    makes every op up to 100x slower; one thread is as fast when the machine is quiet."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("run")
+    train.train(train.parse_args(["--width=64", "--batch_size=8", "--micro_batch=8", "--max_steps=2",
+                                  "--eval_every=0", "--save_every=2", f"--out_dir={out}"]))
+    return str(out / "pretrain")  # a run folder: sample.py takes its newest checkpoint
+
+
+@pytest.fixture
+def png(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(synth.make_sample(W, "edit", "val", 0)["image"]).save(path)
+    return str(path)
+
+
+def run(ckpt, tmp_path, *args):
+    sample.main(["--ckpt", ckpt, "--steps", "2", "--out", str(tmp_path / "out"), *args])
+    return tmp_path / "out"
+
+
+def test_question(ckpt, tmp_path, png, capsys):
+    run(ckpt, tmp_path, "--image", png, "--question", "What color is the circle?")
+    out = capsys.readouterr().out
+    assert out.startswith("Q: What color is the circle?\nA: ")
+    run(ckpt, tmp_path, "--from_synth", "vqa:val:3")
+    q = synth.make_sample(W, "vqa", "val", 3)
+    assert f"Q: {q['text']}" in (out := capsys.readouterr().out) and f"(truth: {q['answer']})" in out
+
+
+def test_prompt_writes_images_and_grid_deterministically(ckpt, tmp_path, capsys):
+    out = run(ckpt, tmp_path, "--prompt", "A red square above a circle.", "--n", "3", "--seed", "5")
+    files = sorted(os.listdir(out))
+    assert files == ["gen_00.png", "gen_01.png", "gen_02.png", "grid.png"]
+    first = np.array(Image.open(out / "gen_01.png"))
+    assert first.shape == (W.size, W.size, 3)
+    run(ckpt, tmp_path, "--prompt", "A red square above a circle.", "--n", "3", "--seed", "5")
+    assert np.array_equal(first, np.array(Image.open(out / "gen_01.png")))  # same seed, same images
+    run(ckpt, tmp_path, "--from_synth", "t2i:val:2", "--n", "2")
+    assert "images satisfy every clause" in capsys.readouterr().out
+
+
+def test_multi_round_edit_and_from_synth(ckpt, tmp_path, png, capsys):
+    out = run(ckpt, tmp_path, "--image", png, "--edit", "Remove the red circle.", "--edit", "Paint the square blue.")
+    assert {"step_0.png", "step_1.png", "step_2.png", "strip.png"} <= set(os.listdir(out))
+    assert np.array_equal(np.array(Image.open(out / "step_0.png")), np.array(Image.open(png)))
+    assert "round 2: Paint the square blue." in capsys.readouterr().out
+    out = run(ckpt, tmp_path, "--from_synth", "uniedit:val:7", "--out", str(tmp_path / "ie"))
+    assert "target.png" in os.listdir(tmp_path / "ie") and "edit " in capsys.readouterr().out
+
+
+def test_bad_input_gets_one_line_errors(ckpt, tmp_path, png):
+    def error(*args, ck=ckpt):
+        with pytest.raises(SystemExit) as e:
+            run(ck, tmp_path, *args)
+        msg = e.value.code
+        assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+        return msg
+    assert "no checkpoint at" in error("--prompt", "A circle.", ck=str(tmp_path / "nothing"))
+    step = os.path.join(ckpt, "step_000002")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in os.listdir(step):
+        (bad / f).write_bytes(open(os.path.join(step, f), "rb").read())
+    (bad / "tokenizer.json").write_text("{not json")
+    assert "tokenizer.json is missing or corrupt" in error("--prompt", "A circle.", ck=str(bad))
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((64, 48, 3), np.uint8)).save(big)
+    q = "What color is the circle?"
+    assert "is 48x64 px, the model needs 32x32: pass --resize" in error("--image", str(big), "--question", q)
+    run(ckpt, tmp_path, "--image", str(big), "--resize", "--question", q)  # scaled, then answered
+    assert "cannot read image" in error("--image", str(tmp_path / "missing.png"), "--question", "Is there a circle?")
+    assert "word 'colour' is outside the model's vocabulary" in error("--image", png, "--question", "What colour is it?")
+    assert "holds characters the tokenizer does not know" in error("--prompt", "A red circle!")
+    assert "exceeds UMMConfig.t2i_text" in error("--prompt", " ".join(["a red circle in row 1, column 1;"] * 8))
+    assert "not task:split:index" in error("--from_synth", "vqa:val")
+    assert "unknown task" in error("--from_synth", "caption:val:1")
+    assert "give one of --question, --prompt and --edit" in error("--prompt", "A circle.", "--question", q)
+    assert "need --image" in error("--question", "Is there a circle?")
+
+
+def test_cli_entry_point(ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt, "--from_synth", "edit:val:1", "--steps", "1",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "strip.png") and "round 1:" in r.stdout
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 1 and r.stderr == "error: give --question, --prompt, --edit or --from_synth\n"
