@@ -11,7 +11,8 @@ Semantic tokens come from a small bidirectional ViT over the clean image plus a 
 tokens are linear patch embeddings plus a 2-D position embedding (noisy ones also get the timestep embedding).
 Attention: causal, bidirectional within an image, and only an image's own tokens attend to a noisy image;
 [PAD] and dropped conditions are invisible keys. Flow matching: x_t = (1 - t) x_0 + t eps, v = eps - x_0,
-t = sigmoid(N(0, 1)) in training; Euler from t = 1 to 0 with the shift t' = s t / (1 + (s - 1) t).
+t = sigmoid(N(0, 1)) in training, MSE on v; the flow head predicts x_0 and v = (x_t - x_0) / t follows
+(x-prediction, as JiT); Euler from t = 1 to 0 with the shift t' = s t / (1 + (s - 1) t).
 
 Batch (from `collate`): a dict {task group: dict of tensors}; groups "vqa", "t2i", "edit" (edit and uniedit
 share the edit layout), each present only if the samples hold that task, so any mix of tasks is one batch:
@@ -367,7 +368,11 @@ class UMM(nn.Module):
         y = h[:, L.noisy]  # (B, N, C)
         for blk in self.head:
             y = blk(y, c=temb)
-        return self.to_pixels(self.head_norm(y))  # (B, N, 3 p p)
+        # The head predicts the clean patches, and the velocity follows from x_t = (1 - t) x_0 + t eps as
+        # (x_t - x_0) / t (JiT's x-prediction): clean patches lie on a low-dimensional manifold that a narrow
+        # model can reach, 192-dim noise is not, and v-prediction left visible noise in every sample.
+        x0 = self.to_pixels(self.head_norm(y))  # (B, N, 3 p p)
+        return (x_t - x0) / t.clamp(min=0.05)[:, None, None]
 
     def velocity(self, task, sub, x_t, t, txt=True, img=True):
         """Velocity (B, 3, S, S) of noisy images x_t at t (float or (B,)), with or without text / source image.
