@@ -25,13 +25,13 @@ x_t, t, txt, img); model.guided_velocity(...); model.sample(task, sub, steps, sh
 euler(velocity_fn, x, steps, shift); model.num_params() -> {total, matmul}; model.flops_per_sample(task) =
 6 x (matmul weights each token passes through) + 12 x width x (query, key) pairs per attention layer, for MFU.
 
-Measured with `python model.py` (2-core CPU, fp32, 2 threads; best of 10):
-    tiny   width 128, depth 4, heads 2      2.06 M params (2.00 M matmul)   T vqa/t2i/edit 85/83/115
-    small  width 384, depth 12, heads 6    31.3 M params                   T 133/131/259
-    base   width 640, depth 20, heads 10  126.5 M params                   T 133/131/259
-    tiny forward+backward of 32 mixed samples (8 of each synth task): 217 ms
-    tiny decoding 6 tokens, KV cache vs none: 58 vs 236 ms for 32 questions (4.1x), 9.7 vs 21.5 ms for 1 (2.2x)
-`python -m pytest tests/test_model.py -q`: 21 s on the same machine.
+Measured with `python model.py` (2-core CPU, quiet, fp32, 2 threads; best of 10):
+    tiny   width 128, depth 4, heads 2      2.06 M params (2.00 M matmul)    T vqa/t2i/edit 45/75/83
+    small  width 384, depth 12, heads 6    31.3 M params                    T 93/123/227
+    base   width 640, depth 20, heads 10  126.5 M params                    T 93/123/227
+    tiny forward+backward of 32 mixed samples (8 of each synth task): 136 ms
+    tiny decoding 6 tokens, KV cache vs none: 32.8 vs 118.7 ms for 32 questions (3.6x); 7.6 vs 12.0 ms for one
+    (1.6x: at batch 1 the Python overhead of each step dominates, not the recomputed prefix)
 """
 import functools
 import glob
