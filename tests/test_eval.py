@@ -10,34 +10,24 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import eval as ev
 import synth
-import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W = synth.get_world("tiny")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest.one_thread
 SMALL = dict(n=8, n_t2i=7, samples_per_prompt=1, n_edit=4, sampling=ev.Sampling(steps=2))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These batches are tiny, and on a shared 2-core machine a second thread that waits for a busy core
-    makes every op up to 100x slower; one thread is as fast when the machine is quiet."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, one_thread):
-    out = tmp_path_factory.mktemp("run")
-    train.train(train.parse_args(["--width=64", "--batch_size=8", "--micro_batch=8", "--max_steps=2",
-                                  "--eval_every=0", "--save_every=2", f"--out_dir={out}"]))
-    return str(out / "pretrain" / "step_000002")
+def ckpt(tiny_run):
+    return os.path.join(tiny_run, "step_000002")
 
 
 def find(task, ok):
