@@ -874,10 +874,6 @@ def ie_location(rng, w, split):
     return objs, [atom], f"find {ref_text(ref)} and {act}", ["query", q, ref], hops, (None, None)
 
 
-def every(d):
-    return "every " + noun(d)
-
-
 def quantified(rng, w, objs, s, what):
     """An action on every member of set `s`, phrased with `what` ("every circle")."""
     return action(rng, w, objs, members(s, objs), ops=("recolor", "reshape", "resize", "remove"), it=what)
@@ -889,8 +885,8 @@ def ie_nested(rng, w, split):
         a, b = rng.randint(1, 2), rng.randint(1, 2)
         objs = fill(rng, w, split, place(rng, w, split, b, dB, place(rng, w, split, a, dA)), rng.randint(0, 1), [dA, dB])
         A, B = ["all", dA], ["all", dB]
-        atomA, actA = quantified(rng, w, objs, A, every(dA))
-        atomB, actB = quantified(rng, w, objs, B, every(dB))
+        atomA, actA = quantified(rng, w, objs, A, 'every ' + noun(dA))
+        atomB, actB = quantified(rng, w, objs, B, 'every ' + noun(dB))
         text = f"if there are more {set_text(A)} than {set_text(B)}, {actA}; otherwise {actB}"
         branch = a > b
         return objs, [atomA if branch else atomB], text, ["compare", "more", A, B], 2, (branch, "yes")
@@ -1002,14 +998,6 @@ def get_tokenizer(world="default", seed=0):
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=512, special_tokens=list(SPECIALS), initial_alphabet=alphabet, show_progress=False))
     return tok
-
-
-def load_tokenizer(path):
-    from tokenizers import Tokenizer
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise ValueError(f"cannot read tokenizer {path}: {e}; rewrite it with python synth.py --out DIR") from None
 
 
 # ----------------------------------------------------------------------------- datasets on disk
