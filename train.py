@@ -425,6 +425,8 @@ def train(cfg):
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
     bar.close()
+    if log:
+        log.close()
     if world_size > 1:
         dist.destroy_process_group()
     return run_dir
