@@ -798,7 +798,7 @@ EDIT_FAMILIES = ("add", "remove", "recolor", "resize", "reshape", "move", "swap"
 # Logic levels: L0 direct reference, L1 one question (attribute, count, relation or extreme),
 # L2 two hops or a comparison with two branches, L3 several atoms under quantifiers.
 
-P_TRUE = 0.5  # chance a condition holds; sets the no-op rate near 15% over the families
+P_TRUE = 0.6  # chance a condition holds; sets the no-op rate near 15% over the families
 
 
 def condition(rng, w, attr, actual):

@@ -101,7 +101,7 @@ def test_overfit_one_batch_of_each_task():
     model = tiny(txt_dropout=0.0, src_dropout=0.0, src_pixel_dropout=0.0)
     batch = collate(samples("vqa", 2) + samples("t2i", 2) + samples("uniedit", 2), model.cfg, TOK)
     assert set(batch) == {"vqa", "t2i", "edit"}
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)  # 5e-3 oscillates with x-prediction
     for step in range(150):
         torch.manual_seed(0)  # the same t and noise every step, so the flow loss can reach zero too
         total, parts = model.loss(batch)
