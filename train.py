@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import synth
 from eval import evaluate, headline, to_markdown
-from model import UMM, UMMConfig, collate, load_weights, newest_checkpoint, read_meta
+from model import TASK_GROUP, UMM, UMMConfig, collate, load_weights, newest_checkpoint, read_meta
 
 
 @dataclass
@@ -209,10 +209,10 @@ class Stream(torch.utils.data.Dataset):
         return collate(samples, self.mcfg, self.tok)
 
 
-def loader(stream, first_chunk, chunks, num_workers):
-    """Micro-batches first_chunk, first_chunk + stride, ... from background workers."""
-    return iter(torch.utils.data.DataLoader(stream, batch_size=None, sampler=chunks(first_chunk),
-                                            num_workers=num_workers, persistent_workers=False))
+def loader(stream, first, stride, num_workers):
+    """Micro-batches first, first + stride, first + 2 stride, ... made by background workers."""
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, sampler=range(first, 1 << 40, stride),
+                                            num_workers=num_workers))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -357,9 +357,7 @@ def train(cfg):
         if s != stage:  # a new stage (or the start) sets up the stream at this step's first micro-batch
             stage = s
             stream = Stream(cfg, mix, tok, mcfg)
-            per_step = accum * world_size
-            data = loader(stream, step * per_step + rank,
-                          lambda first: range(first, 1 << 40, world_size), cfg.num_workers)
+            data = loader(stream, step * accum * world_size + rank, world_size, cfg.num_workers)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         model.train()
@@ -401,7 +399,7 @@ def train(cfg):
             counts = stream.counts
             samples_per_s = cfg.batch_size / dt
             flops = sum(n * model.flops_per_sample(t) for t, n in counts.items()) / cfg.micro_batch * samples_per_s
-            tokens = sum(n * model.layouts[synth_group(t)].T for t, n in counts.items()) / cfg.micro_batch * samples_per_s
+            tokens = sum(n * model.layouts[TASK_GROUP[t]].T for t, n in counts.items()) / cfg.micro_batch * samples_per_s
             images = sum(n for t, n in counts.items() if t != "vqa") / cfg.micro_batch * samples_per_s
             rec = {"step": done, **means, "lr": lr_at(cfg, step), "grad_norm": gnorm,
                    "ms_per_step": dt * 1e3, "tokens_per_s": tokens, "images_per_s": images,
@@ -432,10 +430,6 @@ def train(cfg):
     return run_dir
 
 
-def synth_group(task):
-    return {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit"}[task]
-
-
 # ----------------------------------------------------------------------------- eval during training
 
 @torch.no_grad()
@@ -456,8 +450,8 @@ def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_
         g = torch.Generator().manual_seed(cfg.seed)
         for task in ("t2i", "edit", "uniedit"):
             ss = [synth.make_sample(world, task, "val", i) for i in range(8)]
-            sub = {k: v.to(device) for k, v in collate(ss, mcfg, tok)[synth_group(task)].items()}
-            made = model.sample(synth_group(task), sub, steps=20, generator=g)  # (8, 3, S, S)
+            sub = {k: v.to(device) for k, v in collate(ss, mcfg, tok)[TASK_GROUP[task]].items()}
+            made = model.sample(TASK_GROUP[task], sub, steps=20, generator=g)  # (8, 3, S, S)
             made = ((made.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
             blank = np.zeros_like(made[0])
             rows += [[s["image"] if s["image"] is not None else blank for s in ss], list(made), [s["target"] for s in ss]]
