@@ -3,6 +3,7 @@
     python eval.py --ckpt out/pretrain                      # newest checkpoint of a run, EMA weights, val split
     python eval.py --ckpt out/pretrain/step_002400 --split test_ood --out results/ood.json
     python eval.py --ckpt out/pretrain --weights model --n 2000 --seed 1
+    python eval.py --compare results --rows base,uniedit    # mean ± std over seeds of saved results
     python eval.py -h                                       # every count and sampling knob
 
 The sets are synth.make_sample(world, task, split, i) with data seed 0, so every checkpoint of a
@@ -35,6 +36,9 @@ ranks changes which noise an image starts from.
                  means leaving the scene as it was. Broken down by family and by logic level.
                  consistency (intelligent edits): the share of samples where the edit succeeds
                  exactly when the model answers the edit's embedded probe question right.
+                 unseen (intelligent edits): the same numbers over the edits whose instruction text
+                 is not in the train split of --unseen_from (a tuning set), so that no tuned model
+                 can have met the sentence before (all of them without --unseen_from).
 
 Writes every number to eval.json (or --out) and the tables, which it also prints, to eval.md
 beside it; the default --out is CHECKPOINT/eval.json for val and CHECKPOINT/eval_<split>.json
@@ -240,6 +244,7 @@ def summarize(recs, counts):
     ie = [r for r in recs if r["part"] == "uniedit"]
     out["editing"]["intelligent"]["probe_accuracy"] = sum(r["probe_correct"] for r in ie) / max(1, len(ie))
     out["editing"]["intelligent"]["consistency"] = sum(r["success"] == r["probe_correct"] for r in ie) / max(1, len(ie))
+    out["editing"]["intelligent"]["unseen"] = edit_stats([r for r in ie if r["unseen"]])
     return out
 
 
@@ -279,11 +284,12 @@ def eval_sets(world, split, n, n_t2i, n_edit):
 
 
 def evaluate(model, tok, world, split="val", n=500, n_t2i=112, samples_per_prompt=4, n_edit=150, seed=0,
-             device="cpu", sampling=None, rank=0, world_size=1, progress=True):
+             device="cpu", sampling=None, rank=0, world_size=1, progress=True, seen=frozenset()):
     """Score model on `split` of `world`: understanding on n questions, generation on n_t2i prompts x
     samples_per_prompt images, editing on n_edit simple and n_edit intelligent edits. Under torchrun
     each rank takes every world_size-th sample and the records are gathered, so every rank returns
-    the same dict: the numbers of the module docstring plus "counts" and "sampling"."""
+    the same dict: the numbers of the module docstring plus "counts" and "sampling". `seen`: instruction
+    texts of a tuning set, left out of the intelligent edits' "unseen" numbers."""
     sampling = sampling or Sampling()
     world = synth.get_world(world)
     model.eval()
@@ -321,7 +327,7 @@ def evaluate(model, tok, world, split="val", n=500, n_t2i=112, samples_per_promp
                 rec = {"part": task, "index": s["index"], "family": s["family"], "level": f"L{s['level']}",
                        **judge_edit(im, s, world)}
                 if task == "uniedit":
-                    rec["probe_correct"] = probe_right[i + j]
+                    rec["probe_correct"], rec["unseen"] = probe_right[i + j], s["text"] not in seen
                 recs.append(rec)
             bar.update(len(part))
     bar.close()
@@ -361,6 +367,9 @@ def to_markdown(r, title="nanoUMM eval"):
              f"{f(g['scene']['recall'])}) |"]
     for name in ("simple", "intelligent"):
         lines.append(f"| {name} editing | success / overall | {f(e[name]['success'])} / {f(e[name]['overall'])} |")
+    un = e["intelligent"]["unseen"]
+    lines.append(f"| intelligent editing | unseen instructions ({un['n']}): success / overall | {f(un['success'])} / "
+                 f"{f(un['overall'])} |")
     lines.append(f"| intelligent editing | probe accuracy / consistency | {f(e['intelligent']['probe_accuracy'])} / "
                  f"{f(e['intelligent']['consistency'])} |")
     lines += ["", "| VQA | n | accuracy | blind |", "| --- | --- | --- | --- |"]
@@ -381,9 +390,54 @@ def to_markdown(r, title="nanoUMM eval"):
 
 # ----------------------------------------------------------------------------- CLI
 
+def tuning_texts(folder):
+    """The instruction texts of a dataset folder's train split."""
+    ds = synth.Dataset(folder)  # checks the folder: a clear error if it is not a complete synth.py dataset
+    return frozenset(r["text"] for r in map(json.loads, ds._lines) if r["split"] == "train")
+
+
+# (column, split, path into eval.json) of the comparison table, the shape of the Uni-Edit paper's
+COLUMNS = [("VQA acc val", "val", ("understanding", "accuracy")),
+           ("VQA acc test_ood", "test_ood", ("understanding", "accuracy")),
+           ("ShapeEval val", "val", ("generation", "overall")),
+           ("simple-edit success val", "val", ("editing", "simple", "success")),
+           ("simple-edit overall val", "val", ("editing", "simple", "overall")),
+           ("intelligent-edit success val", "val", ("editing", "intelligent", "success")),
+           ("intelligent-edit success test_ood", "test_ood", ("editing", "intelligent", "success")),
+           ("intelligent, unseen instructions, success val", "val", ("editing", "intelligent", "unseen", "success")),
+           ("consistency val", "val", ("editing", "intelligent", "consistency"))]
+
+
+def compare(folder, rows):
+    """Markdown table, mean ± std over seeds, of folder/<row>_s<seed>/eval_<split>.json for each row."""
+    lines = ["| model | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for row in rows:
+        runs = sorted(d for d in os.listdir(folder) if d.rsplit("_s", 1)[0] == row and d.rsplit("_s", 1)[-1].isdigit())
+        if not runs:
+            raise ValueError(f"no {row}_s<seed> folders in {folder}")
+        cells = []
+        for _, split, path in COLUMNS:
+            vals = []
+            for run in runs:
+                f = os.path.join(folder, run, f"eval_{split}.json")
+                if not os.path.exists(f):
+                    raise ValueError(f"{f} is missing: run eval.py --split {split} --out {f}")
+                r = json.load(open(f))
+                for k in path:
+                    r = r[k]
+                vals.append(r)
+            sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+            cells.append(f"{np.mean(vals):.3f}{sd}")
+        lines.append(f"| {row} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a nanoUMM checkpoint (see the module docstring).")
-    p.add_argument("--ckpt", required=True, help="a step_NNNNNN folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--ckpt", help="a step_NNNNNN folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--compare", metavar="FOLDER", help="instead of scoring: print the table, mean ± std over "
+                   "seeds, of FOLDER/<row>_s<seed>/eval_{val,test_ood}.json for each of --rows")
+    p.add_argument("--rows", default="base,simple_edit,mixed,uniedit", help="--compare's rows, comma-separated")
     p.add_argument("--weights", default="ema", help="ema (default) or model (the raw weights)")
     p.add_argument("--split", default="val", choices=("val", "test", "test_ood", "train"))
     p.add_argument("--n", type=int, default=500, help="VQA questions")
@@ -391,22 +445,30 @@ def main(argv=None):
     p.add_argument("--samples_per_prompt", type=int, default=4)
     p.add_argument("--n_edit", type=int, default=150, help="simple edits, and as many intelligent edits")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
+    p.add_argument("--unseen_from", default="", help="a synth.py dataset folder (the tuning set): intelligent "
+                                                     "edits whose instruction is in its train split are not unseen")
     p.add_argument("--out", help="results JSON (eval.md is written beside it); default in the checkpoint folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for k, v in asdict(Sampling()).items():
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args(argv)
     try:
+        if a.compare:
+            print(compare(a.compare, a.rows.split(",")), end="")
+            return
+        if not a.ckpt:
+            raise ValueError("pass --ckpt CHECKPOINT (or --compare FOLDER)")
         for k in ("n", "n_t2i", "samples_per_prompt", "n_edit"):
             if getattr(a, k) < 1:
                 raise ValueError(f"--{k} must be at least 1, got {getattr(a, k)}")
         sampling = Sampling(**{k: getattr(a, k) for k in asdict(Sampling())})
+        seen = tuning_texts(a.unseen_from) if a.unseen_from else frozenset()
         model, tok, world, ckpt, meta = load(a.ckpt, a.weights, a.device)
         r = evaluate(model, tok, world, a.split, a.n, a.n_t2i, a.samples_per_prompt, a.n_edit, a.seed, a.device,
-                     sampling)
+                     sampling, seen=seen)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    r = {"checkpoint": ckpt, "step": meta.get("step"), "weights": a.weights, **r}
+    r = {"checkpoint": ckpt, "step": meta.get("step"), "weights": a.weights, "unseen_from": a.unseen_from, **r}
     out = a.out or os.path.join(ckpt, "eval.json" if a.split == "val" else f"eval_{a.split}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -512,17 +512,21 @@ def swiglu(gate: Tensor, up: Tensor, use_triton: bool = True) -> Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: forward+backward of each op on the shapes of the model's presets, bf16.
-# Assumed shapes, from model.py's presets (edit here if they change): B sequences per GPU (an
-# assumption: train.py sets the real micro-batch), T = 259 tokens (the edit layout, the longest:
-# 1 + 64 semantic + 64 text + 1 + 64 clean + 64 noisy + 1), width C, heads of dim 64 (rope runs
-# on queries and keys concatenated, 2C/64 heads), SwiGLU width F = 8C/3 rounded up to 32, and the
-# flow head's adaLN norms on the 64 noisy tokens only.
+# Benchmark: forward+backward of each op on the shapes of the model's presets, bf16: the edit
+# layout (the longest sequence) at train.py's micro-batch, width C, SwiGLU width F, heads of
+# head_dim (rope runs on queries and keys concatenated, 2C/head_dim heads), and the flow head's
+# adaLN norms on the T_head noisy tokens only.
 
-PRESETS = {
-    "small": dict(B=32, T=259, C=384, head_dim=64, F=1024, T_head=64),
-    "base": dict(B=64, T=259, C=640, head_dim=64, F=1728, T_head=64),
-}
+def preset_shapes():
+    """{preset: op shapes} for small and base, read from model.py and train.py so they never go stale."""
+    import model  # imported here: model.py imports this file
+    import train
+    out = {}
+    for name in ("small", "base"):
+        cfg = model.UMMConfig.preset(name, vocab_size=1)
+        out[name] = dict(B=train.PRESETS[name]["micro_batch"], T=model.Layout(cfg, "edit").T, C=cfg.width,
+                         head_dim=cfg.width // cfg.heads, F=cfg.hidden, T_head=(cfg.image_size // cfg.patch) ** 2)
+    return out
 
 
 def _bench_cases(B, T, C, head_dim, F, T_head, device, dtype):
@@ -564,7 +568,7 @@ def benchmark():
           f"copy bandwidth {copy_gbps:.0f} GB/s")
     print(f"{'preset':<7}{'op':<18}{'eager ms':>10}{'compile ms':>12}{'triton ms':>11}"
           f"{'triton GB/s':>13}{'of copy':>9}{'vs compile':>12}")
-    for preset, shape in PRESETS.items():
+    for preset, shape in preset_shapes().items():
         for op, reference, fused_op, args, nbytes in _bench_cases(**shape, device=device, dtype=torch.bfloat16):
             eager = do_bench(_fwd_bwd(reference, args), return_mode="median")
             compiled_reference = torch.compile(reference, dynamic=False)  # one preset's shapes at a time

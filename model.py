@@ -26,10 +26,10 @@ euler(velocity_fn, x, steps, shift); model.num_params() -> {total, matmul}; mode
 6 x (matmul weights each token passes through) + 12 x width x (query, key) pairs per attention layer, for MFU.
 
 Measured with `python model.py` (2-core CPU, quiet, fp32, 2 threads; best of 10):
-    tiny   width 128, depth 4, heads 2      2.06 M params (2.00 M matmul)    T vqa/t2i/edit 45/75/83
-    small  width 384, depth 12, heads 6    31.3 M params                    T 93/123/227
-    base   width 640, depth 20, heads 10  126.5 M params                    T 93/123/227
-    tiny forward+backward of 32 mixed samples (8 of each synth task): 136 ms
+    tiny   width 128, depth 4, heads 2      2.10 M params (2.04 M matmul)    T vqa/t2i/edit 45/75/83
+    small  width 384, depth 12, heads 6    31.5 M params                    T 93/123/227
+    base   width 640, depth 20, heads 10  127.0 M params                    T 93/123/227
+    tiny forward+backward of 32 mixed samples (8 of each synth task): 134 ms
     tiny decoding 6 tokens, KV cache vs none: 32.8 vs 118.7 ms for 32 questions (3.6x); 7.6 vs 12.0 ms for one
     (1.6x: at batch 1 the Python overhead of each step dominates, not the recomputed prefix)
 """

@@ -3,6 +3,7 @@
     python train.py                                         # tiny preset on the CPU, end to end
     python train.py --recipe=uniedit --init_from=out/pretrain --name=uniedit
     python train.py --preset=small                          # one GPU (bf16, torch.compile)
+    python train.py --preset=base --bench=50                # time 50 steps: one row of the speed table
     torchrun --standalone --nproc_per_node=4 train.py --preset=base
     python train.py -h                                      # every key with its default
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch._dynamo.utils import counters as dynamo_counters
 from tqdm import tqdm
 
 import synth
@@ -68,8 +70,10 @@ class TrainConfig:
     refiner_layers: int = 0
     src_pixel_dropout: float = -1.0
     kernels: bool = False  # the fused Triton ops of kernels.py (on CUDA)
+    flex: bool = True  # FlexAttention block masks on CUDA; 0: SDPA with a dense mask
     # speed
     compile: int = -1  # -1: on CUDA only
+    bench: int = 0  # > 0: time this many steps after BENCH_WARMUP, print one row of the speed table, save nothing
     device: str = ""  # default: cuda if available, else cpu
     # logging, eval, checkpoints
     log_every: int = 50
@@ -79,6 +83,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # for MFU; 0: the device's dense bf16 peak if known
 
 
+BENCH_WARMUP = 10  # steps --bench runs before timing: compilation and autotuning happen in them
 LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3")  # flow_tk: flow loss with t in [k/4, (k+1)/4)
 
 PRESETS = {  # what --preset sets; explicit --key=value overrides win
@@ -164,7 +169,7 @@ def model_config(cfg, vocab_size):
     """The preset's model, then the recipe's loss weights and dropouts, then explicit keys."""
     mc = UMMConfig.preset(cfg.preset, vocab_size=vocab_size, image_size=synth.get_world(cfg.world).size,
                           **RECIPES[cfg.recipe].get("model", {}))
-    overrides = dict(mot=cfg.mot, refiner_layers=cfg.refiner_layers, kernels=cfg.kernels)
+    overrides = dict(mot=cfg.mot, refiner_layers=cfg.refiner_layers, kernels=cfg.kernels, flex=cfg.flex)
     if cfg.width:
         overrides.update(width=cfg.width, depth=0, heads=0)
     if cfg.src_pixel_dropout >= 0:
@@ -281,9 +286,33 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def rates(model, counts, cfg, dt, peak):
+    """Throughput of steps of dt seconds whose micro-batches hold counts samples per task."""
+    per_s = lambda per_sample: sum(n * per_sample(t) for t, n in counts.items()) / cfg.micro_batch * cfg.batch_size / dt
+    flops = per_s(model.flops_per_sample)
+    return {"ms_per_step": dt * 1e3, "tokens_per_s": per_s(lambda t: model.layouts[TASK_GROUP[t]].T),
+            "images_per_s": per_s(lambda t: t != "vqa"), "mfu": flops / peak if peak else None}
+
+
+def bench_row(cfg, model, counts, dt, peak, device, graphs):
+    """Print and return the --bench result: one row of README's speed table."""
+    r = {**rates(model, counts, cfg, dt, peak), "recompiles": graphs,
+         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+    setup = "compile" if cfg.compile == 1 or (cfg.compile == -1 and device.type == "cuda") else "eager"
+    setup += " + kernels" * cfg.kernels + (" + flex" if cfg.flex and device.type == "cuda" else " + sdpa")
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+    print("| preset | setup | device | tokens/s | images/s | ms/step | MFU | peak mem GiB | recompiles after warm-up |")
+    print(f"| {cfg.preset} | {setup} | {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} | "
+          f"{r['tokens_per_s']:,.0f} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {mfu} | {mem} | {graphs} |")
+    return r
+
+
 def train(cfg):
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
+    if cfg.bench:  # a timing run: warm-up steps, then the timed ones; no log, checkpoint or eval
+        cfg = dataclasses.replace(cfg, max_steps=BENCH_WARMUP + cfg.bench, eval_every=0, resume=False)
     if cfg.batch_size % (cfg.micro_batch * world_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} "
                          f"x {world_size} ranks")
@@ -298,7 +327,7 @@ def train(cfg):
     start, resume_from = 0, newest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start fresh")
-    if not cfg.resume and newest_checkpoint(run_dir) and master:
+    if not cfg.resume and newest_checkpoint(run_dir) and master and not cfg.bench:
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it or --name=NAME "
                          f"for a new run (nothing is overwritten)")
     if RECIPES[cfg.recipe]["init"] and not cfg.init_from and not resume_from:
@@ -344,15 +373,21 @@ def train(cfg):
     meta = {"model": asdict(mcfg), "train": asdict(cfg), "world": asdict(synth.get_world(cfg.world)),
             "versions": {"torch": torch.__version__, "python": platform.python_version(), "synth": synth.VERSION}}
     if master:
-        os.makedirs(run_dir, exist_ok=True)
         n = model.num_params()
         print(f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n['total'] / 1e6:.2f} M params, "
               f"{world_size} rank(s) on {device}, accumulation {accum}, compile {use_compile}, from step {start}")
-    log = open(os.path.join(run_dir, "log.jsonl"), "a") if master else None
+    if master and not cfg.bench:
+        os.makedirs(run_dir, exist_ok=True)
+    log = open(os.path.join(run_dir, "log.jsonl"), "a") if master and not cfg.bench else None
     stage, data = None, None
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not master, dynamic_ncols=True, desc=cfg.recipe)
     t_last, sums, count = time.perf_counter(), torch.zeros(2, len(LOGGED)), 0  # (sum, n) per logged loss
     for step in range(start, cfg.max_steps):
+        if cfg.bench and step == BENCH_WARMUP:  # start the clock and the counts once warm
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t_bench, graphs = time.perf_counter(), dynamo_counters["stats"]["unique_graphs"]
         s, mix = stage_at(cfg, step)
         if s != stage:  # a new stage (or the start) sets up the stream at this step's first micro-batch
             stage = s
@@ -390,20 +425,14 @@ def train(cfg):
                 ema[k].lerp_(v.float(), 1 - cfg.ema)
         count += 1
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        if not cfg.bench and (done % cfg.log_every == 0 or done == cfg.max_steps):
             if world_size > 1:
                 sums = sums.to(device)
                 dist.all_reduce(sums)
             means = {k: (sums[0, i] / sums[1, i]).item() for i, k in enumerate(LOGGED) if sums[1, i] > 0}
             dt = (time.perf_counter() - t_last) / count
-            counts = stream.counts
-            samples_per_s = cfg.batch_size / dt
-            flops = sum(n * model.flops_per_sample(t) for t, n in counts.items()) / cfg.micro_batch * samples_per_s
-            tokens = sum(n * model.layouts[TASK_GROUP[t]].T for t, n in counts.items()) / cfg.micro_batch * samples_per_s
-            images = sum(n for t, n in counts.items() if t != "vqa") / cfg.micro_batch * samples_per_s
             rec = {"step": done, **means, "lr": lr_at(cfg, step), "grad_norm": gnorm,
-                   "ms_per_step": dt * 1e3, "tokens_per_s": tokens, "images_per_s": images,
-                   "mfu": flops / peak if peak else None, "stage": stage}
+                   **rates(model, stream.counts, cfg, dt, peak), "stage": stage}
             sums, count, t_last = torch.zeros(2, len(LOGGED)), 0, time.perf_counter()
             if master:
                 log.write(json.dumps(rec) + "\n")
@@ -412,10 +441,11 @@ def train(cfg):
                 mfu = f"{100 * rec['mfu']:.1f}%" if peak else "-"
                 show = lambda k: f"{rec[k]:.4f}" if k in rec else "-"
                 bar.write(f"step {done:6d} | ce {show('ce')} | flow {show('flow')} | "
-                          f"lr {rec['lr']:.2e} | gnorm {gnorm:.2f} | {dt * 1e3:.0f} ms | {tokens:,.0f} tok/s | "
-                          f"{images:,.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min")
+                          f"lr {rec['lr']:.2e} | gnorm {gnorm:.2f} | {dt * 1e3:.0f} ms | "
+                          f"{rec['tokens_per_s']:,.0f} tok/s | {rec['images_per_s']:,.1f} img/s | mfu {mfu} | "
+                          f"eta {eta / 60:.1f} min")
         bar.update(1)
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if not cfg.bench and (done % cfg.save_every == 0 or done == cfg.max_steps):
             if master:
                 save_checkpoint(run_dir, done, model, ema, opt, meta, tok, cfg.keep)
             if world_size > 1:
@@ -425,9 +455,16 @@ def train(cfg):
     bar.close()
     if log:
         log.close()
+    row = None
+    if cfg.bench:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = (time.perf_counter() - t_bench) / cfg.bench
+        graphs = dynamo_counters["stats"]["unique_graphs"] - graphs
+        row = bench_row(cfg, model, stream.counts, dt, peak, device, graphs) if master else None
     if world_size > 1:
         dist.destroy_process_group()
-    return run_dir
+    return row if cfg.bench else run_dir
 
 
 # ----------------------------------------------------------------------------- eval during training

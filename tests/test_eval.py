@@ -211,3 +211,39 @@ def test_cli_bad_checkpoints_get_one_line_errors(ckpt, tmp_path):
     assert "--weights must be ema or model" in error(ckpt, "--weights", "best")
     assert "--n must be at least 1" in error(ckpt, "--n", "0")
     assert "shift >= 1" in error(ckpt, "--shift", "0.5")
+
+
+def test_unseen_intelligent_edits_leave_out_the_tuning_set_instructions(ckpt, tmp_path):
+    model, tok, world, _, _ = ev.load(ckpt)
+    a = ev.evaluate(model, tok, world, progress=False, **SMALL)
+    whole = {k: v for k, v in a["editing"]["intelligent"].items() if k in a["editing"]["intelligent"]["unseen"]}
+    assert a["editing"]["intelligent"]["unseen"] == whole  # nothing seen: every edit is unseen
+    edits = [synth.make_sample(W, "uniedit", "val", i) for i in range(SMALL["n_edit"])]
+    seen = frozenset(s["text"] for s in edits[:2])
+    b = ev.evaluate(model, tok, world, progress=False, seen=seen, **SMALL)
+    assert b["editing"]["intelligent"]["unseen"]["n"] == sum(s["text"] not in seen for s in edits) < len(edits)
+    # --unseen_from reads a dataset folder's train split, and refuses a folder that is not one
+    synth.write_dataset(str(tmp_path / "d"), 40, "tiny", ("uniedit",), seed=0, workers=1)
+    texts = ev.tuning_texts(str(tmp_path / "d"))
+    train = [s for s in (json.loads(x) for x in open(tmp_path / "d" / "samples.jsonl")) if s["split"] == "train"]
+    assert texts == {s["text"] for s in train} and len(train) < 40
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--ckpt", ckpt, "--unseen_from", str(tmp_path / "nothing")])
+    assert e.value.code.startswith("error: ") and "\n" not in e.value.code
+
+
+def test_compare_table_is_mean_and_std_over_seeds(tmp_path, capsys):
+    def result(acc, success):
+        edit = {"success": success, "overall": 0.5, "consistency": 0.25, "unseen": {"success": success}}
+        return {"understanding": {"accuracy": acc}, "generation": {"overall": 0.1},
+                "editing": {"simple": {"success": 0.0, "overall": 0.0}, "intelligent": edit}}
+    for seed, (acc, success) in enumerate([(0.4, 0.1), (0.6, 0.3)]):
+        for split in ("val", "test_ood"):
+            os.makedirs(tmp_path / f"base_s{seed}", exist_ok=True)
+            json.dump(result(acc, success), open(tmp_path / f"base_s{seed}" / f"eval_{split}.json", "w"))
+    ev.main(["--compare", str(tmp_path), "--rows", "base"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| base | 2 | 0.500 ± 0.141 | 0.500 ± 0.141 | 0.100 ± 0.000 |") and "0.200 ± 0.141" in row
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--compare", str(tmp_path), "--rows", "base,uniedit"])
+    assert e.value.code == f"error: no uniedit_s<seed> folders in {tmp_path}"

@@ -143,3 +143,40 @@ def test_compiled_step_equals_eager(tmp_path, monkeypatch):
     compiled = losses(run(tmp_path, "--name=compiled", "--compile=1", "--max_steps=2"))
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-5)
+
+
+def test_bench_prints_one_table_row_and_saves_nothing(tmp_path, capsys):
+    row = run(tmp_path, "--name=b", "--bench=2")
+    assert row["tokens_per_s"] > 0 and row["images_per_s"] > 0 and row["ms_per_step"] > 0
+    assert row["mfu"] is None and row["peak_mem_gib"] is None and row["recompiles"] == 0  # CPU: no known peak
+    assert "| tiny | eager + sdpa | cpu |" in capsys.readouterr().out
+    assert not (tmp_path / "b").exists()
+
+
+def test_compiled_training_does_not_recompile_after_warmup(tmp_path):
+    assert run(tmp_path, "--name=b", "--bench=3", "--compile=1")["recompiles"] == 0
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = ["--preset=small", "--batch_size=64", "--micro_batch=32", "--warmup=2", "--eval_every=0", "--log_every=1"]
+
+
+@cuda
+def test_gpu_compiled_step_with_kernels_and_flex_does_not_recompile(tmp_path):
+    row = train.train(train.parse_args(GPU + [f"--out_dir={tmp_path}", "--bench=5", "--compile=1", "--kernels=1",
+                                              "--flex=1"]))
+    assert row["recompiles"] == 0 and row["mfu"] > 0 and row["peak_mem_gib"] > 0
+
+
+@cuda
+def test_gpu_torchrun_nccl_one_rank_equals_plain_python(tmp_path):
+    args = GPU + ["--max_steps=3", "--save_every=3", f"--out_dir={tmp_path}"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        "train.py", *args, "--name=nccl"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "train.py", *args, "--name=one"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, nccl = losses(tmp_path / "one"), losses(tmp_path / "nccl")
+    assert one.keys() == nccl.keys()
+    for step in one:  # bf16 and compiled kernels: equal up to the nondeterminism of GPU reductions
+        assert one[step] == pytest.approx(nccl[step], rel=2e-2)
