@@ -6,6 +6,7 @@ image with one or several instructions in turn (multi-round).
     python sample.py --ckpt out/uniedit --image shapes.png --edit "Remove the circle." --edit "Paint the square blue."
     python sample.py --ckpt out/uniedit --from_synth uniedit:val:7      # input (and truth) from the synthesized sets
     python sample.py --ckpt out/pretrain --from_synth vqa:test_ood:3 --weights model
+    python sample.py --bench 512 --preset base          # sampling throughput at batch 512 (random weights)
 
 --ckpt takes a step_NNNNNN folder or a run folder (its newest checkpoint), EMA weights unless
 --weights model. --from_synth task:split:index takes the image and text of
@@ -22,11 +23,17 @@ the model's size (pass --resize to scale it, nearest-neighbour so the palette su
 outside the model's vocabulary, i.e. it encodes to [UNK] or (case aside) never occurs as a whole
 word in the synthesized text of the checkpoint's world, where BPE would split it into pieces the
 model never saw together; or the text is longer than the model's text slot.
+
+--bench B times sampling at batch B, the checkpoint's model or with --preset a randomly initialised one
+(the weights do not change the time): VQA answers/s (greedy, answer slot, KV cache) and T2I images/s at
+--steps Euler steps with guidance (2 passes a step), bf16 autocast on CUDA, median of 5 runs after one
+warm-up.
 """
 import argparse
 import os
 import re
 import sys
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -35,6 +42,7 @@ from PIL import Image
 
 import eval as ev
 import synth
+from model import UMM, UMMConfig, collate, euler
 
 
 @lru_cache(maxsize=None)
@@ -96,10 +104,45 @@ def from_synth(spec, world):
     return synth.make_sample(world, parts[0], parts[1], int(parts[2]))
 
 
+@torch.no_grad()
+def bench(model, tok, world, batch, sampling, device, repeats=5):
+    """Print and return the sampling throughput at `batch` samples per call (see the docstring)."""
+    model.eval()
+    qs = [{**synth.make_sample(world, "vqa", "val", i), "answer": None} for i in range(batch)]
+    ps = [{**synth.make_sample(world, "t2i", "val", i), "target": None} for i in range(batch)]
+    vqa = ev.on(device, collate(qs, model.cfg, tok)["vqa"])
+    t2i = ev.on(device, collate(ps, model.cfg, tok)["t2i"])
+    noise = torch.randn(batch, 3, world.size, world.size, device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    guided = lambda x, t: model.guided_velocity("t2i", t2i, x, t, sampling.cfg)
+
+    def seconds(fn):
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up (and on CUDA, builds kernels)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with amp:
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
+    r = {"answers_per_s": batch / seconds(lambda: model.generate_text(vqa)),
+         "images_per_s": batch / seconds(lambda: euler(guided, noise, sampling.steps, sampling.shift))}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"width {model.cfg.width}, batch {batch}, {name}: {r['answers_per_s']:,.1f} VQA answers/s (KV cache), "
+          f"{r['images_per_s']:,.1f} T2I images/s ({sampling.steps} Euler steps, guidance {sampling.cfg})")
+    return r
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Answer, generate or edit with a nanoUMM checkpoint (see the docstring).")
-    p.add_argument("--ckpt", required=True, help="a step_NNNNNN folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--ckpt", help="a step_NNNNNN folder, or a run folder (its newest checkpoint)")
     p.add_argument("--weights", default="ema", help="ema (default) or model (the raw weights)")
+    p.add_argument("--bench", type=int, default=0, metavar="B", help="time sampling at batch B instead")
+    p.add_argument("--preset", help="with --bench and no --ckpt: a random model of this preset")
     p.add_argument("--image", help="input PNG for --question and --edit")
     p.add_argument("--question", help="answer this question about --image")
     p.add_argument("--prompt", help="generate --n images from this prompt")
@@ -119,7 +162,19 @@ def main(argv=None):
         if a.n < 1:
             raise ValueError(f"--n must be at least 1, got {a.n}")
         sampling = ev.Sampling(**{k: getattr(a, k) for k in ev.asdict(ev.Sampling())})
+        if a.bench and not a.ckpt:
+            if a.preset not in ("tiny", "small", "base"):
+                raise ValueError(f"--bench without --ckpt needs --preset tiny, small or base, got {a.preset!r}")
+            world = synth.get_world("tiny" if a.preset == "tiny" else "default")
+            tok = synth.get_tokenizer(world.name)
+            torch.manual_seed(a.seed)
+            model = UMM(UMMConfig.preset(a.preset, vocab_size=tok.get_vocab_size(), image_size=world.size))
+            return bench(model.to(a.device), tok, world, a.bench, sampling, torch.device(a.device))
+        if not a.ckpt:
+            raise ValueError("pass --ckpt CHECKPOINT")
         model, tok, world, _, _ = ev.load(a.ckpt, a.weights, a.device)
+        if a.bench:
+            return bench(model, tok, world, a.bench, sampling, torch.device(a.device))
         truth = None  # the synthesized sample, when its own text is used: its answer or target is known
         image = read_image(a.image, world.size, a.resize) if a.image else None
         if a.from_synth:

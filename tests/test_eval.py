@@ -139,8 +139,8 @@ def test_vqa_pooling_and_consistency():
             {**q, "family": "count", "hops": 0, "correct": False, "blind_correct": True},
             {**q, "family": "relate_2hop", "hops": 2, "correct": True, "blind_correct": False}]
     edit = {"should_change": 1, "followed": 1, "changed": 1, "should_stay": 0, "kept": 0, "l1_sum": 0.0, "l1_n": 0}
-    recs += [{"part": "uniedit", "family": "conditional", "level": "L1", **edit, "success": ok, "probe_correct": right}
-             for ok, right in ((True, True), (False, False), (True, False), (False, True))]
+    recs += [{"part": "uniedit", "family": "conditional", "level": "L1", **edit, "success": ok, "probe_correct": right,
+              "unseen": ok or right} for ok, right in ((True, True), (False, False), (True, False), (False, True))]
     r = ev.summarize(recs, {})
     u = r["understanding"]
     assert (u["accuracy"], u["blind_accuracy"]) == (pytest.approx(2 / 3), pytest.approx(1 / 3))
@@ -148,6 +148,7 @@ def test_vqa_pooling_and_consistency():
     assert u["by_hops"]["2"]["accuracy"] == 1.0
     ie = r["editing"]["intelligent"]
     assert (ie["consistency"], ie["probe_accuracy"], ie["success"]) == (0.5, 0.5, 0.5)
+    assert (ie["unseen"]["n"], ie["unseen"]["success"]) == (3, pytest.approx(2 / 3))
 
 
 def test_blind_baseline_majority_per_text_then_family():

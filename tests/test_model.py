@@ -125,7 +125,8 @@ def test_kv_cache_equals_uncached(temperature):
             for use_cache in (True, False)]
     assert runs[0].shape == (8, 6)
     assert torch.equal(runs[0], runs[1])
-    assert len(set(runs[0].flatten().tolist())) > 3  # real, varied decoding
+    # real decoding: sampled tokens vary; a random model's greedy tokens mostly repeat, but not everywhere
+    assert len(set(runs[0].flatten().tolist())) > (3 if temperature else 1)
 
 
 def test_euler_recovers_the_target_of_an_exact_field():

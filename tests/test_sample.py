@@ -107,3 +107,13 @@ def test_cli_entry_point(ckpt, tmp_path):
     assert os.path.isfile(tmp_path / "strip.png") and "round 1:" in r.stdout
     r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt], cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert r.returncode == 1 and r.stderr == "error: give --question, --prompt, --edit or --from_synth\n"
+
+
+def test_bench_times_answers_and_images(ckpt, capsys):
+    r = sample.main(["--ckpt", ckpt, "--bench", "4", "--steps", "2"])
+    assert r["answers_per_s"] > 0 and r["images_per_s"] > 0
+    assert "batch 4, cpu:" in capsys.readouterr().out
+    assert sample.main(["--bench", "2", "--preset", "tiny", "--steps", "1"])["images_per_s"] > 0
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--bench", "2", "--preset", "huge"])
+    assert e.value.code == "error: --bench without --ckpt needs --preset tiny, small or base, got 'huge'"
