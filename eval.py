@@ -403,6 +403,7 @@ COLUMNS = [("VQA acc val", "val", ("understanding", "accuracy")),
            ("simple-edit success val", "val", ("editing", "simple", "success")),
            ("simple-edit overall val", "val", ("editing", "simple", "overall")),
            ("intelligent-edit success val", "val", ("editing", "intelligent", "success")),
+           ("intelligent-edit overall val", "val", ("editing", "intelligent", "overall")),
            ("intelligent-edit success test_ood", "test_ood", ("editing", "intelligent", "success")),
            ("intelligent, unseen instructions, success val", "val", ("editing", "intelligent", "unseen", "success")),
            ("consistency val", "val", ("editing", "intelligent", "consistency"))]
