@@ -393,7 +393,7 @@ def to_markdown(r, title="nanoUMM eval"):
 def tuning_texts(folder):
     """The instruction texts of a dataset folder's train split."""
     ds = synth.Dataset(folder)  # checks the folder: a clear error if it is not a complete synth.py dataset
-    return frozenset(r["text"] for r in map(json.loads, ds._lines) if r["split"] == "train")
+    return frozenset(r["text"] for r in ds.records() if r["split"] == "train")
 
 
 # (column, split, path into eval.json) of the comparison table, the shape of the Uni-Edit paper's
@@ -412,18 +412,24 @@ COLUMNS = [("VQA acc val", "val", ("understanding", "accuracy")),
 def compare(folder, rows):
     """Markdown table, mean ± std over seeds, of folder/<row>_s<seed>/eval_<split>.json for each row."""
     lines = ["| model | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    def result(run, split):
+        f = os.path.join(folder, run, f"eval_{split}.json")
+        if not os.path.exists(f):
+            raise ValueError(f"{f} is missing: run eval.py --split {split} --out {f}")
+        with open(f) as fh:
+            return json.load(fh)
+
     for row in rows:
-        runs = sorted(d for d in os.listdir(folder) if d.rsplit("_s", 1)[0] == row and d.rsplit("_s", 1)[-1].isdigit())
+        runs = [d for d in sorted(os.listdir(folder))
+                if d.rpartition("_s")[0] == row and d.rpartition("_s")[2].isdigit()]  # <row>_s<seed>
         if not runs:
             raise ValueError(f"no {row}_s<seed> folders in {folder}")
+        results = [{split: result(run, split) for split in ("val", "test_ood")} for run in runs]
         cells = []
         for _, split, path in COLUMNS:
             vals = []
-            for run in runs:
-                f = os.path.join(folder, run, f"eval_{split}.json")
-                if not os.path.exists(f):
-                    raise ValueError(f"{f} is missing: run eval.py --split {split} --out {f}")
-                r = json.load(open(f))
+            for r in results:
+                r = r[split]
                 for k in path:
                     r = r[k]
                 vals.append(r)

@@ -42,6 +42,7 @@ from PIL import Image
 
 import eval as ev
 import synth
+import train
 from model import UMM, UMMConfig, collate, euler
 
 
@@ -163,9 +164,10 @@ def main(argv=None):
             raise ValueError(f"--n must be at least 1, got {a.n}")
         sampling = ev.Sampling(**{k: getattr(a, k) for k in ev.asdict(ev.Sampling())})
         if a.bench and not a.ckpt:
-            if a.preset not in ("tiny", "small", "base"):
-                raise ValueError(f"--bench without --ckpt needs --preset tiny, small or base, got {a.preset!r}")
-            world = synth.get_world("tiny" if a.preset == "tiny" else "default")
+            if a.preset not in train.PRESETS:
+                *rest, last = train.PRESETS
+                raise ValueError(f"--bench without --ckpt needs --preset {', '.join(rest)} or {last}, got {a.preset!r}")
+            world = synth.get_world(train.PRESETS[a.preset].get("world", train.TrainConfig.world))
             tok = synth.get_tokenizer(world.name)
             torch.manual_seed(a.seed)
             model = UMM(UMMConfig.preset(a.preset, vocab_size=tok.get_vocab_size(), image_size=world.size))

@@ -1125,6 +1125,10 @@ class Dataset:
         del rec["image_idx"], rec["target_idx"]
         return rec
 
+    def records(self):
+        """Every sample's record without its images (task, split, text, ...): cheap, for choosing samples."""
+        return [json.loads(line) for line in self._lines]
+
 
 # ----------------------------------------------------------------------------- contact sheet
 

@@ -191,7 +191,7 @@ class Stream(torch.utils.data.Dataset):
             if self.ds.world.size != self.world.size:
                 raise ValueError(f"dataset {cfg.data} has {self.ds.world.size}px images, --world={cfg.world} "
                                  f"needs {self.world.size}px: pass the dataset's world")
-            recs = [json.loads(line) for line in self.ds._lines]
+            recs = self.ds.records()
             rng = np.random.default_rng(cfg.seed)
             self.pools = {t: rng.permutation([i for i, r in enumerate(recs) if r["split"] == "train" and r["task"] == t])
                           for t in self.counts}
