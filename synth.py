@@ -537,7 +537,7 @@ def vqa_position(rng, w, split):
 
 def vqa_same(rng, w, split):
     attr = rng.choice(ATTRS)
-    k = rng.randint(0, min(3, len(values(w, attr)) and max_objects(w, split) - 1))
+    k = rng.randint(0, min(3, max_objects(w, split) - 1))  # other objects sharing the attribute
 
     def build():
         t = rand_obj(rng, w, split, divmod(rng.randrange(w.grid ** 2), w.grid))
