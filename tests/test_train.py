@@ -148,9 +148,21 @@ def test_compiled_step_equals_eager(tmp_path, monkeypatch):
 def test_bench_prints_one_table_row_and_saves_nothing(tmp_path, capsys):
     row = run(tmp_path, "--name=b", "--bench=2")
     assert row["tokens_per_s"] > 0 and row["images_per_s"] > 0 and row["ms_per_step"] > 0
-    assert row["mfu"] is None and row["peak_mem_gib"] is None and row["recompiles"] == 0  # CPU: no known peak
+    assert row["peak_mem_gib"] is None and row["recompiles"] == 0  # CPU: no CUDA memory stats
+    # MFU divides by the measured fp32 matmul rate on the CPU: a FLOP count or a rate in the wrong unit
+    # would put it outside (0, 1).
+    assert row["peak_tflops"] * 1e12 == train.measured_matmul_flops(torch.device("cpu"))
+    assert 0 < row["mfu"] < 1
     assert "| tiny | eager + sdpa | cpu |" in capsys.readouterr().out
     assert not (tmp_path / "b").exists()
+
+
+def test_peak_tflops_overrides_the_measured_peak(tmp_path, capsys):
+    measured = train.measured_matmul_flops(torch.device("cpu"))
+    assert 1e9 < measured < 1e14  # fp32 GEMM on a CPU: GFLOP/s to tens of TFLOP/s
+    fast = run(tmp_path, "--name=b", "--bench=2", "--peak_tflops=1e-3")
+    assert fast["peak_tflops"] == 1e-3 and fast["mfu"] > 1  # a 1 GFLOP/s "peak" is beaten
+    assert "MFU against 0.001 TFLOP/s\n" in capsys.readouterr().out  # no "(measured matmul)" when given
 
 
 def test_compiled_training_does_not_recompile_after_warmup(tmp_path):
