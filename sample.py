@@ -33,7 +33,7 @@ import argparse
 import os
 import re
 import sys
-import time
+from dataclasses import asdict
 from functools import lru_cache
 
 import numpy as np
@@ -117,21 +117,10 @@ def bench(model, tok, world, batch, sampling, device, repeats=5):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     guided = lambda x, t: model.guided_velocity("t2i", t2i, x, t, sampling.cfg)
 
-    def seconds(fn):
-        times = []
-        for _ in range(repeats + 1):  # the first call warms up (and on CUDA, builds kernels)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            with amp:
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times[1:]))
-
-    r = {"answers_per_s": batch / seconds(lambda: model.generate_text(vqa)),
-         "images_per_s": batch / seconds(lambda: euler(guided, noise, sampling.steps, sampling.shift))}
+    with amp:
+        r = {"answers_per_s": batch / train.median_seconds(lambda: model.generate_text(vqa), device, repeats),
+             "images_per_s": batch / train.median_seconds(lambda: euler(guided, noise, sampling.steps, sampling.shift),
+                                                          device, repeats)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"width {model.cfg.width}, batch {batch}, {name}: {r['answers_per_s']:,.1f} VQA answers/s (KV cache), "
           f"{r['images_per_s']:,.1f} T2I images/s ({sampling.steps} Euler steps, guidance {sampling.cfg})")
@@ -154,7 +143,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
     p.add_argument("--out", default="out/sample", help="folder for the PNGs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for k, v in ev.asdict(ev.Sampling()).items():
+    for k, v in asdict(ev.Sampling()).items():
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args(argv)
     try:
@@ -162,7 +151,7 @@ def main(argv=None):
             raise ValueError("give one of --question, --prompt and --edit")
         if a.n < 1:
             raise ValueError(f"--n must be at least 1, got {a.n}")
-        sampling = ev.Sampling(**{k: getattr(a, k) for k in ev.asdict(ev.Sampling())})
+        sampling = ev.Sampling(**{k: getattr(a, k) for k in asdict(ev.Sampling())})
         if a.bench and not a.ckpt:
             if a.preset not in train.PRESETS:
                 *rest, last = train.PRESETS

@@ -37,7 +37,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 from tqdm import tqdm
 
 import synth
-from eval import evaluate, headline, to_markdown
+from eval import evaluate, headline, on, to_markdown, to_uint8
 from model import TASK_GROUP, UMM, UMMConfig, collate, load_weights, newest_checkpoint, read_meta
 
 
@@ -269,6 +269,21 @@ def peak_flops(cfg, device):
     return cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_matmul_flops(device)
 
 
+def median_seconds(fn, device, repeats=5):
+    """Median wall time of fn() over `repeats` calls after one warm-up call (which builds kernels, and
+    lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 @functools.cache
 def measured_matmul_flops(device):
     """Median rate of one large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU).
@@ -278,18 +293,12 @@ def measured_matmul_flops(device):
     bf16 peak of an H100/H200 SXM is 989 TFLOP/s; MFU against it is lower by the ratio printed."""
     n, dtype, reps = (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 1)
     a = torch.ones(n, n, device=device, dtype=dtype)  # ones, not randn: the RNG stream stays untouched
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    def seconds_per_matmul():
-        sync()
-        t0 = time.perf_counter()
+    def matmuls():
         for _ in range(reps):
             a @ a
-        sync()
-        return (time.perf_counter() - t0) / reps
 
-    seconds_per_matmul()  # warm-up: the BLAS library picks its kernel
-    return 2 * n ** 3 / statistics.median(seconds_per_matmul() for _ in range(5))
+    return 2 * n ** 3 * reps / median_seconds(matmuls, device)
 
 
 def setup_distributed(cfg):
@@ -313,11 +322,11 @@ def rates(model, counts, cfg, dt, peak):
             "images_per_s": per_s(lambda t: t != "vqa"), "mfu": flops / peak}
 
 
-def bench_row(cfg, model, counts, dt, peak, device, graphs):
+def bench_row(cfg, model, counts, dt, peak, device, graphs, compiled):
     """Print and return the --bench result: one row of README's speed table."""
     r = {**rates(model, counts, cfg, dt, peak), "peak_tflops": peak / 1e12, "recompiles": graphs,
          "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
-    setup = "compile" if cfg.compile == 1 or (cfg.compile == -1 and device.type == "cuda") else "eager"
+    setup = "compile" if compiled else "eager"
     setup += " + kernels" * cfg.kernels + (" + flex" if cfg.flex and device.type == "cuda" else " + sdpa")
     mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
     print("| preset | setup | device | tokens/s | images/s | ms/step | MFU | of peak TFLOP/s "
@@ -481,7 +490,7 @@ def train(cfg):
             torch.cuda.synchronize(device)
         dt = (time.perf_counter() - t_bench) / cfg.bench
         graphs = dynamo_counters["stats"]["unique_graphs"] - graphs
-        row = bench_row(cfg, model, stream.counts, dt, peak, device, graphs) if master else None
+        row = bench_row(cfg, model, stream.counts, dt, peak, device, graphs, use_compile) if master else None
     if world_size > 1:
         dist.destroy_process_group()
     return row if cfg.bench else run_dir
@@ -507,9 +516,8 @@ def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_
         g = torch.Generator().manual_seed(cfg.seed)
         for task in ("t2i", "edit", "uniedit"):
             ss = [synth.make_sample(world, task, "val", i) for i in range(8)]
-            sub = {k: v.to(device) for k, v in collate(ss, mcfg, tok)[TASK_GROUP[task]].items()}
-            made = model.sample(TASK_GROUP[task], sub, steps=20, generator=g)  # (8, 3, S, S)
-            made = ((made.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+            sub = on(device, collate(ss, mcfg, tok)[TASK_GROUP[task]])
+            made = to_uint8(model.sample(TASK_GROUP[task], sub, steps=20, generator=g))  # (8, S, S, 3)
             blank = np.zeros_like(made[0])
             rows += [[s["image"] if s["image"] is not None else blank for s in ss], list(made), [s["target"] for s in ss]]
         grid = np.concatenate([np.concatenate(r, 1) for r in rows], 0)

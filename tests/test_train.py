@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+import synth
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +154,7 @@ def test_bench_prints_one_table_row_and_saves_nothing(tmp_path, capsys):
     assert row["peak_mem_gib"] is None and row["recompiles"] == 0  # CPU: no CUDA memory stats
     # MFU divides by the measured fp32 matmul rate on the CPU: a FLOP count or a rate in the wrong unit
     # would put it outside (0, 1).
-    assert row["peak_tflops"] * 1e12 == train.measured_matmul_flops(torch.device("cpu"))
+    assert row["peak_tflops"] == train.measured_matmul_flops(torch.device("cpu")) / 1e12
     assert 0 < row["mfu"] < 1
     assert "| tiny | eager + sdpa | cpu |" in capsys.readouterr().out
     assert not (tmp_path / "b").exists()
@@ -192,3 +195,18 @@ def test_gpu_torchrun_nccl_one_rank_equals_plain_python(tmp_path):
     assert one.keys() == nccl.keys()
     for step in one:  # bf16 and compiled kernels: equal up to the nondeterminism of GPU reductions
         assert one[step] == pytest.approx(nccl[step], rel=2e-2)
+
+
+def test_eval_during_training_writes_grid_table_and_log_line(tmp_path):
+    run_dir = run(tmp_path, "--max_steps=2", "--eval_every=2")
+    grid = np.array(Image.open(os.path.join(run_dir, "samples", "step_000002.png")))
+    S = synth.get_world("tiny").size * 3  # drawn 3x, nearest-neighbour
+    # rows: source, output, target for 8 T2I prompts, 8 simple and 8 intelligent edits (T2I has no source)
+    assert grid.shape == (9 * S, 8 * S, 3)
+    edit = synth.make_sample("tiny", "edit", "val", 0)
+    assert np.array_equal(grid[3 * S:4 * S:3, :S:3], edit["image"]) and np.array_equal(grid[5 * S:6 * S:3, :S:3],
+                                                                                          edit["target"])
+    assert "| understanding | VQA accuracy" in open(os.path.join(run_dir, "samples", "step_000002.md")).read()
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        rec = json.loads(f.readlines()[-1])
+    assert rec["step"] == 2 and 0 <= rec["val_vqa_acc"] <= 1 and 0 <= rec["val_shapeeval"] <= 1
