@@ -27,12 +27,19 @@ dtype, so bf16 activations are rounded once. Float scalars are cast to fp32 insi
 deterministic: each program sums its own rows into a row of a partial buffer, and torch sums
 the partial buffer; there are no atomics. Offsets are int32: tensors up to 2^31 elements.
 
-Benchmark status (`python kernels.py`, forward+backward, bf16): NOT YET MEASURED, this file was
-written on a machine without a GPU. All ops are in USE until the table is run on the target
-GPU; an op whose Triton time does not beat the compiled reference on both `small` and `base`
-must be set to False in USE, with the numbers written here. No further op (flow-matching
-interpolation + MSE, LM-head cross-entropy) is fused until a profile of a GPU training step
-shows it is worth it: the vocabulary is a few hundred tokens and an image is 64×64×3.
+Benchmark status (`python kernels.py`, forward+backward in the dtypes of a bf16-autocast training
+step): NOT YET MEASURED, this file was written on machines without a GPU. All ops are in USE until
+the table is run on the target GPU; an op whose Triton time does not beat the compiled reference
+on both `small` and `base` must be set to False in USE, with the numbers written here. No further
+op (flow-matching interpolation + MSE, LM-head cross-entropy) is fused until a profile of a GPU
+training step shows it is worth it: the vocabulary is a few hundred tokens and an image is 64×64×3.
+
+What is checked without a GPU (tests/test_kernels.py): every launch the benchmark makes compiles
+for the H100/H200 (sm_90) with no register spills. At the default 4 warps ptxas gives them 46
+(swiglu forward) to 222 (rmsnorm_modulate backward, base) registers per thread; 222 leave room for
+only 2 programs per SM. If that kernel lags the compiled reference, try num_warps=8 first. The
+numbers come from `cd tests && TRITON_INTERPRET=0 PYTHONPATH=.. python -c "import test_kernels as
+t; print(*t.hopper_resources(), sep=chr(10))"`.
 """
 
 import math
@@ -512,10 +519,10 @@ def swiglu(gate: Tensor, up: Tensor, use_triton: bool = True) -> Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: forward+backward of each op on the shapes of the model's presets, bf16: the edit
-# layout (the longest sequence) at train.py's micro-batch, width C, SwiGLU width F, heads of
-# head_dim (rope runs on queries and keys concatenated, 2C/head_dim heads), and the flow head's
-# adaLN norms on the T_head noisy tokens only.
+# Benchmark: forward+backward of each op on the shapes of the model's presets: the edit layout
+# (the longest sequence) at train.py's micro-batch, width C, SwiGLU width F, heads of head_dim
+# (rope runs on queries and keys concatenated, 2C/head_dim heads), and the flow head's adaLN
+# norms on the T_head noisy tokens only.
 
 def preset_shapes():
     """{preset: op shapes} for small and base, read from model.py and train.py so they never go stale."""
@@ -529,24 +536,32 @@ def preset_shapes():
     return out
 
 
-def _bench_cases(B, T, C, head_dim, F, T_head, device, dtype):
-    """(op, reference, Triton op, inputs, bytes a fused forward+backward must move at least)."""
-    def leaf(*shape, dt=dtype):
-        return torch.randn(*shape, device=device, dtype=dt, requires_grad=True)
+def _bench_cases(B, T, C, head_dim, F, T_head, device):
+    """(op, reference, Triton op, inputs, bytes a fused forward+backward must move at least).
 
+    The inputs have the dtypes and layouts of a bf16-autocast training step (train.py on CUDA):
+    the residual stream stays fp32, so both norms read fp32 activations (and RMSNorm an fp32
+    gain), while adaLN's scale and shift, q and k, and SwiGLU's gate and up are outputs of linear
+    layers, in bf16; gate and up are the two halves of one projection, row-strided views.
+    tests/test_kernels.py checks these against the calls a step of each preset really makes."""
+    def leaf(*shape, dtype):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    f32, bf16 = torch.float32, torch.bfloat16
     H = 2 * C // head_dim
     angles = torch.rand(T, head_dim // 2, device=device) * 2 * math.pi
-    e = torch.finfo(dtype).bits // 8
+    gate, up = leaf(B, T, 2 * F, dtype=bf16).chunk(2, -1)
     # Forward reads inputs and writes the output; backward reads the saved inputs and dy and
     # writes every gradient. Per-row statistics and (B, C)/(C,) vectors are negligible.
     return [
         ("rmsnorm", rmsnorm_reference, lambda *a: _rmsnorm_op(*a)[0],
-         (leaf(B, T, C), leaf(C), 1e-6), 5 * B * T * C * e),
+         (leaf(B, T, C, dtype=f32), leaf(C, dtype=f32), 1e-6), 5 * B * T * C * 4),
         ("rmsnorm_modulate", rmsnorm_modulate_reference, lambda *a: _modulate_op(*a)[0],
-         (leaf(B, T_head, C), leaf(B, C), leaf(B, C), 1e-6), 5 * B * T_head * C * e),
+         (leaf(B, T_head, C, dtype=f32), leaf(B, C, dtype=bf16), leaf(B, C, dtype=bf16), 1e-6),
+         5 * B * T_head * C * 4),
         ("rope", rope_reference, _rope_op,
-         (leaf(B, H, T, head_dim), angles.cos(), angles.sin()), 4 * B * H * T * head_dim * e),
-        ("swiglu", swiglu_reference, _swiglu_op, (leaf(B, T, F), leaf(B, T, F)), 8 * B * T * F * e),
+         (leaf(B, H, T, head_dim, dtype=bf16), angles.cos(), angles.sin()), 4 * B * H * T * head_dim * 2),
+        ("swiglu", swiglu_reference, _swiglu_op, (gate, up), 8 * B * T * F * 2),
     ]
 
 
@@ -564,12 +579,12 @@ def benchmark():
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_gbps = 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
-    print(f"{torch.cuda.get_device_name(device)}, bf16, forward+backward, median of do_bench, "
-          f"copy bandwidth {copy_gbps:.0f} GB/s")
+    print(f"{torch.cuda.get_device_name(device)}, the dtypes of a bf16-autocast step, forward+backward, "
+          f"median of do_bench, copy bandwidth {copy_gbps:.0f} GB/s")
     print(f"{'preset':<7}{'op':<18}{'eager ms':>10}{'compile ms':>12}{'triton ms':>11}"
           f"{'triton GB/s':>13}{'of copy':>9}{'vs compile':>12}")
     for preset, shape in preset_shapes().items():
-        for op, reference, fused_op, args, nbytes in _bench_cases(**shape, device=device, dtype=torch.bfloat16):
+        for op, reference, fused_op, args, nbytes in _bench_cases(**shape, device=device):
             eager = do_bench(_fwd_bwd(reference, args), return_mode="median")
             compiled_reference = torch.compile(reference, dynamic=False)  # one preset's shapes at a time
             compiled = do_bench(_fwd_bwd(compiled_reference, args), return_mode="median")

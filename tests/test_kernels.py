@@ -8,6 +8,7 @@ arithmetic); tests/conftest.py sets TRITON_INTERPRET=1 before kernels is importe
 same checks run compiled on the GPU in fp32 and bf16, and the CPU cases are skipped.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -269,3 +270,137 @@ def test_model_with_kernels_equals_model_without(monkeypatch):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for a, b in zip(*grads):  # fp32, same math in a different order: 1e-4 relative to the largest entry
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-7
+
+
+def kernel_calls(preset):
+    """{(op, ((dtype, last dim), ...))}: the distinct kernels.* calls of one bf16-autocast training step of
+    a preset's widths (one block per stack: the depth changes how often each call is made, not its inputs).
+    CPU autocast casts linear layers to bf16 and leaves the residual stream in fp32, as CUDA's does."""
+    import synth
+    import train
+    from model import UMM, UMMConfig, collate
+
+    world = train.PRESETS[preset]["world"]
+    tok = synth.get_tokenizer(world)
+    cfg = UMMConfig.preset(preset, vocab_size=tok.get_vocab_size(), depth=1, enc_depth=1, head_depth=1)
+    calls = set()
+
+    def recorded(op):
+        fn = getattr(kernels, op)
+
+        def call(*args, **kwargs):
+            calls.add((op, tuple((a.dtype, a.shape[-1]) for a in args if isinstance(a, torch.Tensor))))
+            return fn(*args, **kwargs)
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        for op in kernels.USE:
+            mp.setattr(kernels, op, recorded(op))
+        samples = [synth.make_sample(world, task, "train", i) for i, task in enumerate(synth.TASKS)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = UMM(cfg).loss(collate(samples, cfg, tok))
+        loss.backward()
+    return calls
+
+
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_benchmark_cases_are_what_training_runs(preset):
+    # python kernels.py decides which kernels stay on: it must time the dtypes and widths a training
+    # step really passes (fp32 norms of the residual stream, bf16 rope and SwiGLU), not guessed ones.
+    shape = dict(kernels.preset_shapes()[preset], B=2, T=5)
+    benched = {(op, tuple((a.dtype, a.shape[-1]) for a in args if isinstance(a, torch.Tensor)))
+               for op, _, _, args, _ in kernels._bench_cases(**shape, device="cpu")}
+    assert kernel_calls(preset) == benched
+
+
+# Each result is rounded once to its own dtype: fp32 results differ by summation order, bf16 ones by an ulp.
+RESULT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
+def test_kernels_in_training_dtypes(device):
+    """Each op on the benchmark's inputs (the mixed dtypes of a training step, row-strided SwiGLU halves)
+    at small odd sizes: the fused op equals its reference, output and every gradient. The interpreter
+    loads and stores bf16; the kernels' arithmetic is fp32, which it has."""
+    torch.manual_seed(0)
+    for op, reference, fused, args, _ in kernels._bench_cases(B=2, T=7, C=48, head_dim=16, F=40, T_head=6,
+                                                             device=device):
+        inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        dy = torch.randn_like(reference(*args))
+        results = []
+        for fn in (fused, reference):
+            out = fn(*args)
+            results.append([out, *torch.autograd.grad(out, inputs, dy)])
+        for a, b in zip(*results, strict=True):
+            assert a.dtype == b.dtype, op
+            tol = RESULT_TOL[b.dtype]
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{op}: {m}")
+
+
+def hopper_resources(arch=90):
+    """Compile each kernel launch of the benchmark cases (both presets' dtypes and block sizes) for
+    sm_<arch> exactly as a launch on that GPU would, and read each binary's registers per thread and
+    local-memory (spill) bytes from cuobjdump. Needs no GPU: Triton's compiler, ptxas and cuobjdump ship
+    in the triton wheel. Run it without TRITON_INTERPRET, in which Triton builds no GPU code at all."""
+    import inspect
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+    launches = {}
+
+    class Recorder:  # stands in for a kernel: kernel[grid](*args, **constexprs) is recorded, not run
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                names = inspect.signature(self.kernel.fn).parameters
+                sig = {name: pointer[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float)
+                       else "i32" for name, a in zip(names, args)} | dict.fromkeys(constexprs, "constexpr")
+                key = (preset, self.kernel.fn.__name__, repr(sig), repr(constexprs))
+                launches[key] = (self.kernel, sig, constexprs)
+            return launch
+
+    for name, value in list(vars(kernels).items()):
+        if isinstance(value, JITFunction):
+            setattr(kernels, name, Recorder(value))
+    for preset, shape in kernels.preset_shapes().items():  # Recorder reads `preset` while it launches
+        for _, _, fused, args, _ in kernels._bench_cases(**dict(shape, B=2), device="cpu"):
+            kernels._fwd_bwd(fused, args)()
+    rows = []
+    for (preset, name, _, _), (kernel, sig, constexprs) in launches.items():
+        binary = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(binary.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True, check=True).stdout
+        fields = dict(re.findall(r"(\w+):(\d+)", usage.split("Function")[-1]))  # REG:155 STACK:0 ... LOCAL:0
+        rows.append(dict(preset=preset, kernel=name, blocks=constexprs, registers=int(fields["REG"]),
+                         stack=int(fields["STACK"]), local=int(fields["LOCAL"])))
+    return rows
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """The interpreter checks each kernel's math, not that the GPU compiler accepts it: every launch the
+    benchmark makes must also compile for the H100/H200 (sm_90) in its training dtypes, and ptxas must keep
+    it in registers, since a spill to local memory adds traffic to a kernel whose whole cost is traffic."""
+    code = "import json, test_kernels; print(json.dumps(test_kernels.hopper_resources()))"
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout.splitlines()[-1])
+    every_kernel = {name for name in vars(kernels) if name.startswith("_") and name.endswith("_kernel")}
+    assert {r["kernel"] for r in rows} == every_kernel and {r["preset"] for r in rows} == {"small", "base"}
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["local"] == r["stack"] == 0, r
