@@ -65,7 +65,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     with pytest.raises(ValueError, match="already holds checkpoints"):  # nothing is overwritten by accident
         run(tmp_path, "--name=cut")
-    cut = run(tmp_path, "--name=cut", "--resume=1")
+    cut = run(tmp_path, "--name=cut", "--resume=1", "--num_workers=2")  # batches made by 2 worker processes
     assert losses(cut) == losses(full)  # every step, exactly
     a, b = load_file(os.path.join(full, "step_000004/model.safetensors")), load_file(os.path.join(cut, "step_000004/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
