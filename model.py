@@ -419,7 +419,8 @@ class UMM(nn.Module):
 
     def loss(self, batch):
         """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens; parts are detached and hold
-        'ce' / 'flow' only when the batch has those tasks, plus 'flow_t<k>' = flow loss with t in [k/4, (k+1)/4)."""
+        'ce' / 'flow' only when the batch has those tasks, plus 'flow_t<k>' = flow loss with t in [k/4, (k+1)/4)
+        (NaN when no sample's t fell in that bin)."""
         cfg, parts, total = self.cfg, {}, 0.0
         if "vqa" in batch:
             s, L = batch["vqa"], self.layouts["vqa"]
@@ -438,20 +439,24 @@ class UMM(nn.Module):
             t = torch.sigmoid(torch.randn(B, device=dev))  # (B,)
             eps = torch.randn_like(x0)
             x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps  # (B, N, 3 p p)
-            # (B,) kept conditions; in eval all are kept, but a source that training always drops stays dropped
-            keep = lambda p: torch.rand(B, device=dev) >= p if self.training else torch.full((B,), p < 1, device=dev)
-            v = self.velocity_patches(task, s, x_t, t, keep(cfg.txt_dropout), keep(cfg.src_dropout),
-                                      keep(cfg.src_pixel_dropout))
+            # (3, B) kept conditions: text, semantic source, pixel source. In eval all are kept, but a source
+            # that training always drops stays dropped. One draw for all three: a compiled graph may move a
+            # draw that nothing reads (a T2I sample has no source) and so shift the noise of later draws.
+            p = torch.tensor([cfg.txt_dropout, cfg.src_dropout, cfg.src_pixel_dropout], device=dev)[:, None]
+            keep = torch.rand(3, B, device=dev) >= p if self.training else (p < 1).expand(3, B)
+            v = self.velocity_patches(task, s, x_t, t, *keep)
             errs.append((v.float() - (eps - x0)).pow(2).mean((1, 2)))  # (B,)
             ts.append(t)
         if errs:
             err, t = torch.cat(errs), torch.cat(ts)  # (B_gen,)
             flow = err.mean()
             total, parts["flow"] = total + cfg.flow_weight * flow, flow.detach()
-            bins = (t * 4).long().clamp(max=3)
+            # The mean of each t-bin without `if bin not empty` (a host sync and a graph break under
+            # torch.compile): an empty bin divides 0 by 0, and the training log skips its NaN.
+            bins = F.one_hot((t * 4).long().clamp(max=3), 4).to(err.dtype)  # (B_gen, 4)
+            per_bin = (err.detach() @ bins) / bins.sum(0)  # (4,)
             for k in range(4):
-                if (bins == k).any():
-                    parts[f"flow_t{k}"] = err[bins == k].mean().detach()
+                parts[f"flow_t{k}"] = per_bin[k]
         return total, parts
 
     # --- text decoding ---

@@ -445,9 +445,10 @@ def train(cfg):
                 (loss / accum).backward()
             step_loss += loss.detach() / accum
             for i, k in enumerate(LOGGED):
-                if k in parts:
-                    sums[0, i] += parts[k].detach().float()
-                    sums[1, i] += 1
+                if k in parts:  # a NaN part is a t-bin that no sample fell in: not counted
+                    seen = ~parts[k].isnan()
+                    sums[0, i] += torch.where(seen, parts[k].detach().float(), 0.0)
+                    sums[1, i] += seen
         if world_size > 1:  # every rank sees the global loss, so all of them stop together on a NaN
             dist.all_reduce(step_loss)
             step_loss /= world_size

@@ -272,6 +272,36 @@ def test_model_with_kernels_equals_model_without(monkeypatch):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-7
 
 
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
+def test_training_step_with_kernels_compiles_to_one_graph(device, monkeypatch):
+    """torch.compile(fullgraph=True) of the model's training loss with every kernel on, forward and
+    backward: one graph, no break (a break is also the host waiting for the GPU mid-step). Dynamo
+    finds breaks whatever the backend, so the CPU uses aot_eager; CUDA uses Inductor under bf16
+    autocast, as train.py runs."""
+    import contextlib
+
+    import synth
+    from model import UMM, UMMConfig, collate
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    tok = synth.get_tokenizer("tiny")
+    samples = [synth.make_sample("tiny", task, "train", i) for i, task in enumerate(synth.TASKS)]
+    used, real = [], kernels._use_triton
+    monkeypatch.setattr(kernels, "_use_triton", lambda *a: used.append(real(*a)) or used[-1])
+    torch.manual_seed(0)
+    model = UMM(UMMConfig.preset("tiny", width=64, vocab_size=tok.get_vocab_size(), kernels=True)).to(device)
+    batch = {task: {k: v.to(device) for k, v in sub.items()} for task, sub in collate(samples, model.cfg, tok).items()}
+    counter = CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    with amp:
+        loss, parts = torch.compile(model, backend=counter, fullgraph=True)(batch)
+    loss.backward()
+    assert counter.frame_count == 1 and used and all(used)  # one graph, built around every kernel
+    assert torch.isfinite(loss) and {"ce", "flow", "flow_t0"} <= parts.keys()
+
+
 def kernel_calls(preset):
     """{(op, ((dtype, last dim), ...))}: the distinct kernels.* calls of one bf16-autocast training step of
     a preset's widths (one block per stack: the depth changes how often each call is made, not its inputs).
