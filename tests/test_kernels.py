@@ -3,9 +3,11 @@ Triton kernels against their torch references: the output and every gradient.
 
     python -m pytest -q tests/test_kernels.py
 
-Without CUDA the kernels run in Triton's interpreter, in fp32 only (the interpreter has no bf16
-arithmetic); tests/conftest.py sets TRITON_INTERPRET=1 before kernels is imported. With CUDA the
-same checks run compiled on the GPU in fp32 and bf16, and the CPU cases are skipped.
+Without CUDA the kernels run in Triton's interpreter, which has no bf16 arithmetic: the checks run
+in fp32, plus the mixed fp32/bf16 inputs of a training step, which the kernels only load and store
+in bf16; tests/conftest.py sets TRITON_INTERPRET=1 before kernels is imported. With CUDA the same
+checks run compiled on the GPU in fp32 and bf16, and the CPU cases are skipped. Compiling for the
+GPU needs no GPU: the kernels are also built for sm_90 here and checked for register spills.
 """
 
 import json
