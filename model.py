@@ -439,11 +439,13 @@ class UMM(nn.Module):
             t = torch.sigmoid(torch.randn(B, device=dev))  # (B,)
             eps = torch.randn_like(x0)
             x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps  # (B, N, 3 p p)
-            # (3, B) kept conditions: text, semantic source, pixel source. In eval all are kept, but a source
-            # that training always drops stays dropped. One draw for all three: a compiled graph may move a
-            # draw that nothing reads (a T2I sample has no source) and so shift the noise of later draws.
-            p = torch.tensor([cfg.txt_dropout, cfg.src_dropout, cfg.src_pixel_dropout], device=dev)[:, None]
-            keep = torch.rand(3, B, device=dev) >= p if self.training else (p < 1).expand(3, B)
+            # (B,) kept conditions: text, semantic source, pixel source
+            drop = (cfg.txt_dropout, cfg.src_dropout, cfg.src_pixel_dropout)
+            if self.training:  # one draw for all three: a compiled graph may move a draw that nothing
+                u = torch.rand(3, B, device=dev)  # reads (T2I has no source), shifting the noise after it
+                keep = [u[i] >= p for i, p in enumerate(drop)]
+            else:  # all kept, but a source that training always drops stays dropped
+                keep = [torch.full((B,), p < 1, device=dev) for p in drop]
             v = self.velocity_patches(task, s, x_t, t, *keep)
             errs.append((v.float() - (eps - x0)).pow(2).mean((1, 2)))  # (B,)
             ts.append(t)
