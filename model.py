@@ -253,6 +253,8 @@ class UMM(nn.Module):
         self.cfg, C, p = cfg, cfg.width, cfg.patch
         self.n = (cfg.image_size // p) ** 2  # tokens per image
         self.layouts = {task: Layout(cfg, task) for task in ("vqa", "t2i", "edit")}
+        for task, L in self.layouts.items():  # on the model's device: building a mask copies nothing to it
+            self.register_buffer(f"img_{task}", L.img, persistent=False)
         g, pd = cfg.image_size // p, 3 * p * p
         # semantic path: ViT encoder over clean patches, then the adapter into the trunk
         self.enc_in = nn.Linear(pd, C, bias=False)
@@ -358,7 +360,7 @@ class UMM(nn.Module):
         return x
 
     def mask(self, task, vis):
-        return attention_mask(self.layouts[task].img.to(vis.device), vis, self.cfg.flex and vis.is_cuda)
+        return attention_mask(getattr(self, f"img_{task}"), vis, self.cfg.flex and vis.is_cuda)
 
     # --- the flow head ---
     def velocity_patches(self, task, sub, x_t, t, keep_txt, keep_sem, keep_pix):
@@ -472,7 +474,7 @@ class UMM(nn.Module):
             raise ValueError(f"max_new_tokens={max_new} exceeds the {self.cos.shape[0] - P} positions RoPE has")
         x, vis = self.embed("vqa", sub["tokens"], sem=sub["sem"])
         x, vis = x[:, :P], vis[:, :P]  # (B, P, C), (B, P)
-        img = F.pad(L.img.to(x.device), (0, max_new))  # (P + A + max_new,): answers are text
+        img = F.pad(self.img_vqa, (0, max_new))  # (P + A + max_new,): answers are text
         caches = [[] for _ in self.blocks] if use_cache else None
         out, new = [], x
         for i in range(max_new):
