@@ -54,11 +54,12 @@ run with OMP_NUM_THREADS=1. python -m pytest tests/test_eval.py tests/test_sampl
 import argparse
 import json
 import math
+import operator
 import os
 import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import lru_cache, reduce
 
 import numpy as np
 import torch
@@ -427,12 +428,7 @@ def compare(folder, rows):
         results = [{split: result(run, split) for split in ("val", "test_ood")} for run in runs]
         cells = []
         for _, split, path in COLUMNS:
-            vals = []
-            for r in results:
-                r = r[split]
-                for k in path:
-                    r = r[k]
-                vals.append(r)
+            vals = [reduce(operator.getitem, path, r[split]) for r in results]  # r[split][path[0]]...
             sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
             cells.append(f"{np.mean(vals):.3f}{sd}")
         lines.append(f"| {row} | {len(runs)} | " + " | ".join(cells) + " |")

@@ -885,8 +885,8 @@ def ie_nested(rng, w, split):
         a, b = rng.randint(1, 2), rng.randint(1, 2)
         objs = fill(rng, w, split, place(rng, w, split, b, dB, place(rng, w, split, a, dA)), rng.randint(0, 1), [dA, dB])
         A, B = ["all", dA], ["all", dB]
-        atomA, actA = quantified(rng, w, objs, A, 'every ' + noun(dA))
-        atomB, actB = quantified(rng, w, objs, B, 'every ' + noun(dB))
+        atomA, actA = quantified(rng, w, objs, A, f"every {noun(dA)}")
+        atomB, actB = quantified(rng, w, objs, B, f"every {noun(dB)}")
         text = f"if there are more {set_text(A)} than {set_text(B)}, {actA}; otherwise {actB}"
         branch = a > b
         return objs, [atomA if branch else atomB], text, ["compare", "more", A, B], 2, (branch, "yes")

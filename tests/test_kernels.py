@@ -19,6 +19,8 @@ import pytest
 import torch
 
 import kernels
+import synth
+from model import UMM, UMMConfig, collate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
@@ -246,16 +248,22 @@ assert torch.equal(kernels.swiglu(x, x), kernels.swiglu_reference(x, x))
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
 
 
+def one_sample_per_task(world):
+    return [synth.make_sample(world, task, "train", i) for i, task in enumerate(synth.TASKS)]
 
-def test_model_with_kernels_equals_model_without(monkeypatch):
-    """The whole model, kernels on (interpreted Triton on CPU) vs off: same loss and gradients in fp32."""
-    import synth
-    from model import UMM, UMMConfig, collate
 
-    tok = synth.get_tokenizer("tiny")
-    samples = [synth.make_sample("tiny", task, "train", i) for i, task in enumerate(synth.TASKS)]
+@pytest.fixture
+def triton_used(monkeypatch):
+    """The list of dispatch decisions (True: the Triton kernel ran) of the ops called during a test."""
     used, real = [], kernels._use_triton
     monkeypatch.setattr(kernels, "_use_triton", lambda *a: used.append(real(*a)) or used[-1])
+    return used
+
+
+def test_model_with_kernels_equals_model_without(triton_used):
+    """The whole model, kernels on (interpreted Triton on CPU) vs off: same loss and gradients in fp32."""
+    tok = synth.get_tokenizer("tiny")
+    samples = one_sample_per_task("tiny")
     losses, grads = [], []
     for fused in (False, True):
         torch.manual_seed(0)
@@ -268,7 +276,7 @@ def test_model_with_kernels_equals_model_without(monkeypatch):
         loss.backward()
         losses.append(loss.item())
         grads.append([p.grad.clone() for p in model.parameters()])
-    assert any(used) and not all(used)  # the fused run really ran Triton, the other did not
+    assert any(triton_used) and not all(triton_used)  # the fused run really ran Triton, the other did not
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for a, b in zip(*grads):  # fp32, same math in a different order: 1e-4 relative to the largest entry
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-7
@@ -277,21 +285,17 @@ def test_model_with_kernels_equals_model_without(monkeypatch):
 @pytest.mark.parametrize("device", [
     pytest.param("cpu", marks=pytest.mark.skipif(not kernels.INTERPRET, reason="needs TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))])
-def test_training_step_with_kernels_compiles_to_one_graph(device, monkeypatch):
+def test_training_step_with_kernels_compiles_to_one_graph(device, triton_used):
     """torch.compile(fullgraph=True) of the model's training loss with every kernel on, forward and
     backward: one graph, no break (a break is also the host waiting for the GPU mid-step). Dynamo
     finds breaks whatever the backend, so the CPU uses aot_eager; CUDA uses Inductor under bf16
     autocast, as train.py runs."""
     import contextlib
 
-    import synth
-    from model import UMM, UMMConfig, collate
     from torch._dynamo.testing import CompileCounterWithBackend
 
     tok = synth.get_tokenizer("tiny")
-    samples = [synth.make_sample("tiny", task, "train", i) for i, task in enumerate(synth.TASKS)]
-    used, real = [], kernels._use_triton
-    monkeypatch.setattr(kernels, "_use_triton", lambda *a: used.append(real(*a)) or used[-1])
+    samples = one_sample_per_task("tiny")
     torch.manual_seed(0)
     model = UMM(UMMConfig.preset("tiny", width=64, vocab_size=tok.get_vocab_size(), kernels=True)).to(device)
     batch = {task: {k: v.to(device) for k, v in sub.items()} for task, sub in collate(samples, model.cfg, tok).items()}
@@ -300,7 +304,7 @@ def test_training_step_with_kernels_compiles_to_one_graph(device, monkeypatch):
     with amp:
         loss, parts = torch.compile(model, backend=counter, fullgraph=True)(batch)
     loss.backward()
-    assert counter.frame_count == 1 and used and all(used)  # one graph, built around every kernel
+    assert counter.frame_count == 1 and triton_used and all(triton_used)  # one graph, around every kernel
     assert torch.isfinite(loss) and {"ce", "flow", "flow_t0"} <= parts.keys()
 
 
@@ -308,9 +312,7 @@ def kernel_calls(preset):
     """{(op, ((dtype, last dim), ...))}: the distinct kernels.* calls of one bf16-autocast training step of
     a preset's widths (one block per stack: the depth changes how often each call is made, not its inputs).
     CPU autocast casts linear layers to bf16 and leaves the residual stream in fp32, as CUDA's does."""
-    import synth
     import train
-    from model import UMM, UMMConfig, collate
 
     world = train.PRESETS[preset]["world"]
     tok = synth.get_tokenizer(world)
@@ -328,7 +330,7 @@ def kernel_calls(preset):
     with pytest.MonkeyPatch.context() as mp:
         for op in kernels.USE:
             mp.setattr(kernels, op, recorded(op))
-        samples = [synth.make_sample(world, task, "train", i) for i, task in enumerate(synth.TASKS)]
+        samples = one_sample_per_task(world)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = UMM(cfg).loss(collate(samples, cfg, tok))
         loss.backward()
