@@ -67,8 +67,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         run(tmp_path, "--name=cut")
     cut = run(tmp_path, "--name=cut", "--resume=1", "--num_workers=2")  # batches made by 2 worker processes
     assert losses(cut) == losses(full)  # every step, exactly
-    a, b = load_file(os.path.join(full, "step_000004/model.safetensors")), load_file(os.path.join(cut, "step_000004/model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("model", "ema"):  # the weights, and the EMA that eval and sampling use
+        a, b = (load_file(os.path.join(d, f"step_000004/{name}.safetensors")) for d in (full, cut))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
