@@ -20,10 +20,11 @@ share the edit layout), each present only if the samples hold that task, so any 
     sem (B, 3, S, S) float in [-1, 1] (vqa), source and target (edit), target (t2i); rows (B,) = sample indices.
 
 API: UMMConfig.preset(name, **overrides); UMM(cfg); collate(samples, cfg, tokenizer) -> batch;
-model.loss(batch) -> (total, parts); model.generate_text(batch["vqa"]) -> answer ids; model.velocity(task, sub,
-x_t, t, txt, img); model.guided_velocity(...); model.sample(task, sub, steps, shift, txt_scale, img_scale);
-euler(velocity_fn, x, steps, shift); model.num_params() -> {total, matmul}; model.flops_per_sample(task) =
-6 x (matmul weights each token passes through) + 12 x width x (query, key) pairs per attention layer, for MFU.
+model.loss(batch, noise=model.draw_noise(batch)) -> (total, parts); model.generate_text(batch["vqa"]) -> answer
+ids; model.velocity(task, sub, x_t, t, txt, img); model.guided_velocity(...); model.sample(task, sub, steps, shift,
+txt_scale, img_scale); euler(velocity_fn, x, steps, shift); model.num_params() -> {total, matmul};
+model.flops_per_sample(task) = 6 x (matmul weights each token passes through) + 12 x width x (query, key) pairs
+per attention layer, for MFU.
 
 Measured with `python model.py` (2-core CPU, quiet, fp32, 2 threads; best of 10):
     tiny   width 128, depth 4, heads 2      2.10 M params (2.04 M matmul)    T vqa/t2i/edit 45/75/83
@@ -416,14 +417,28 @@ class UMM(nn.Module):
         return euler(fn, noise, steps, shift).clamp(-1, 1)
 
     # --- training ---
-    def forward(self, batch):  # DDP and torch.compile wrap forward: it is the training loss
-        return self.loss(batch)
+    def forward(self, batch, noise=None):  # DDP and torch.compile wrap forward: it is the training loss
+        return self.loss(batch, noise)
 
-    def loss(self, batch):
+    def draw_noise(self, batch):
+        """The flow loss's randomness, {generation task: (t (B,), eps (B, N, 3 p p), u (3, B))}: logit-normal
+        times, Gaussian noise, and uniforms for the three condition dropouts. Training draws it outside the
+        compiled loss: inside its graph a compiler may reorder the draws (Inductor did, in torch 2.11), and
+        from outside the same seed gives the same noise whether the loss is compiled or not."""
+        noise, S, p = {}, self.cfg.image_size, self.cfg.patch
+        for task in ("t2i", "edit"):
+            if task in batch:
+                B, dev = batch[task]["target"].shape[0], batch[task]["target"].device
+                noise[task] = (torch.sigmoid(torch.randn(B, device=dev)),
+                               torch.randn(B, (S // p) ** 2, 3 * p * p, device=dev), torch.rand(3, B, device=dev))
+        return noise
+
+    def loss(self, batch, noise=None):
         """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens; parts are detached and hold
         'ce' / 'flow' only when the batch has those tasks, plus 'flow_t<k>' = flow loss with t in [k/4, (k+1)/4)
-        (NaN when no sample's t fell in that bin)."""
+        (NaN when no sample's t fell in that bin). noise: from draw_noise(batch), drawn here if not given."""
         cfg, parts, total = self.cfg, {}, 0.0
+        noise = self.draw_noise(batch) if noise is None else noise
         if "vqa" in batch:
             s, L = batch["vqa"], self.layouts["vqa"]
             x, vis = self.embed("vqa", s["tokens"], sem=s["sem"])
@@ -438,13 +453,11 @@ class UMM(nn.Module):
             s = batch[task]
             x0 = patchify(self.check_image(s["target"]), cfg.patch)  # (B, N, 3 p p)
             B, dev = x0.shape[0], x0.device
-            t = torch.sigmoid(torch.randn(B, device=dev))  # (B,)
-            eps = torch.randn_like(x0)
+            t, eps, u = noise[task]
             x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps  # (B, N, 3 p p)
             # (B,) kept conditions: text, semantic source, pixel source
             drop = (cfg.txt_dropout, cfg.src_dropout, cfg.src_pixel_dropout)
-            if self.training:  # one draw for all three: a compiled graph may move a draw that nothing
-                u = torch.rand(3, B, device=dev)  # reads (T2I has no source), shifting the noise after it
+            if self.training:
                 keep = [u[i] >= p for i, p in enumerate(drop)]
             else:  # all kept, but a source that training always drops stays dropped
                 keep = [torch.full((B,), p < 1, device=dev) for p in drop]

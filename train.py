@@ -439,9 +439,10 @@ def train(cfg):
             chunk = step * accum * world_size + a * world_size + rank
             batch = {task: {k: v.to(device, non_blocking=True) for k, v in sub.items()} for task, sub in next(data).items()}
             torch.manual_seed(synth.sample_seed("noise", cfg.seed, chunk))  # this micro-batch's noise, t, dropout
+            noise = model.draw_noise(batch)  # eagerly, outside the compiled loss: the same draws compiled or not
             sync = ddp.no_sync() if ddp is not None and a < accum - 1 else contextlib.nullcontext()
             with sync, amp:
-                loss, parts = loss_fn(batch)
+                loss, parts = loss_fn(batch, noise)
             with sync:
                 (loss / accum).backward()
             step_loss += loss.detach() / accum

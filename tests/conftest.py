@@ -29,6 +29,6 @@ def tiny_run(tmp_path_factory):
     """A run folder holding one checkpoint of a narrow model after 2 steps, shared by the tests that load one."""
     import train
     out = tmp_path_factory.mktemp("run")
-    train.train(train.parse_args(["--width=64", "--batch_size=8", "--micro_batch=8", "--max_steps=2",
+    train.train(train.parse_args(["--device=cpu", "--width=64", "--batch_size=8", "--micro_batch=8", "--max_steps=2",
                                   "--eval_every=0", "--save_every=2", f"--out_dir={out}"]))
     return str(out / "pretrain")

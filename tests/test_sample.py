@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample
@@ -112,7 +113,8 @@ def test_cli_entry_point(ckpt, tmp_path):
 def test_bench_times_answers_and_images(ckpt, capsys):
     r = sample.main(["--ckpt", ckpt, "--bench", "4", "--steps", "2"])
     assert r["answers_per_s"] > 0 and r["images_per_s"] > 0
-    assert "batch 4, cpu:" in capsys.readouterr().out
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # sample.py's default device
+    assert f"batch 4, {device}:" in capsys.readouterr().out
     assert sample.main(["--bench", "2", "--preset", "tiny", "--steps", "1"])["images_per_s"] > 0
     with pytest.raises(SystemExit) as e:
         sample.main(["--bench", "2", "--preset", "huge"])
