@@ -425,12 +425,12 @@ class UMM(nn.Module):
         times, Gaussian noise, and uniforms for the three condition dropouts. Training draws it outside the
         compiled loss: inside its graph a compiler may reorder the draws (Inductor did, in torch 2.11), and
         from outside the same seed gives the same noise whether the loss is compiled or not."""
-        noise, S, p = {}, self.cfg.image_size, self.cfg.patch
+        noise, p = {}, self.cfg.patch
         for task in ("t2i", "edit"):
             if task in batch:
                 B, dev = batch[task]["target"].shape[0], batch[task]["target"].device
-                noise[task] = (torch.sigmoid(torch.randn(B, device=dev)),
-                               torch.randn(B, (S // p) ** 2, 3 * p * p, device=dev), torch.rand(3, B, device=dev))
+                noise[task] = (torch.sigmoid(torch.randn(B, device=dev)), torch.randn(B, self.n, 3 * p * p, device=dev),
+                               torch.rand(3, B, device=dev))
         return noise
 
     def loss(self, batch, noise=None):
