@@ -121,8 +121,7 @@ def bench(model, tok, world, batch, sampling, device, repeats=5):
         r = {"answers_per_s": batch / train.median_seconds(lambda: model.generate_text(vqa), device, repeats),
              "images_per_s": batch / train.median_seconds(lambda: euler(guided, noise, sampling.steps, sampling.shift),
                                                           device, repeats)}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"width {model.cfg.width}, batch {batch}, {name}: {r['answers_per_s']:,.1f} VQA answers/s (KV cache), "
+    print(f"width {model.cfg.width}, batch {batch}, {train.device_name(device)}: {r['answers_per_s']:,.1f} VQA answers/s (KV cache), "
           f"{r['images_per_s']:,.1f} T2I images/s ({sampling.steps} Euler steps, guidance {sampling.cfg})")
     return r
 

@@ -274,6 +274,11 @@ def peak_flops(cfg, device):
     return cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_matmul_flops(device)
 
 
+def device_name(device):
+    """The name a timing is reported under: the GPU's model, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def median_seconds(fn, device, repeats=5):
     """Median wall time of fn() over `repeats` calls after one warm-up call (which builds kernels, and
     lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
@@ -336,7 +341,7 @@ def bench_row(cfg, model, counts, dt, peak, device, graphs, compiled):
     mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
     print("| preset | setup | device | tokens/s | images/s | ms/step | MFU | of peak TFLOP/s "
           "| peak mem GiB | recompiles after warm-up |")
-    print(f"| {cfg.preset} | {setup} | {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} | "
+    print(f"| {cfg.preset} | {setup} | {device_name(device)} | "
           f"{r['tokens_per_s']:,.0f} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {100 * r['mfu']:.1f}% | "
           f"{r['peak_tflops']:.4g} | {mem} | {graphs} |")
     return r
