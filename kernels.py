@@ -1,22 +1,24 @@
 """
-Hand-written Triton kernels for the memory-bound ops around attention, with torch references.
+Hand-written Triton kernels for the memory-bound ops around attention, and the timing helpers
+that every benchmark of the project uses.
 
     python kernels.py                        # benchmark table (needs a CUDA device)
     python -m pytest -q tests/test_kernels.py   # without CUDA: the kernels run in Triton's interpreter
 
-Each op has one section: the math, a torch reference, Triton forward and backward kernels,
-a `torch.library` custom op (forward and backward are both opaque ops with fake
-implementations, so `torch.compile(fullgraph=True)` traces them without graph breaks) and a
-public function. The public functions are what model.py calls:
+The math of the four ops is model.py's: rmsnorm, rmsnorm_modulate, rope and swiglu, plain torch.
+Each op has one section here: the math with its backward, Triton forward and backward kernels, a
+`torch.library` custom op (forward and backward are both opaque ops with fake implementations,
+so `torch.compile(fullgraph=True)` traces them without graph breaks) and a public function of the
+same name and arguments as model.py's:
 
-    rmsnorm(x, weight, eps=1e-6, use_triton=True)            # x (..., C), weight (C,)
-    rmsnorm_modulate(x, scale, shift, eps=1e-6, use_triton=True)  # x (B, T, C), scale/shift (B, C)
-    rope(x, cos, sin, use_triton=True)                        # x (B, H, T, D), cos/sin (T, D/2) fp32
-    swiglu(gate, up, use_triton=True)                         # same shapes (..., F)
+    rmsnorm(x, weight, eps=1e-6)              # x (..., C), weight (C,)
+    rmsnorm_modulate(x, scale, shift, eps=1e-6)  # x (B, T, C), scale/shift (B, C)
+    rope(x, cos, sin)                         # x (B, H, T, D), cos/sin (T, D/2) fp32
+    swiglu(gate, up)                          # same shapes (..., F)
 
-An op runs its Triton kernel only when all of these hold, else it runs its torch reference:
-`use_triton` (the model passes its `kernels` config flag), `USE[op]` below, triton imports,
-and the tensor is on CUDA or the kernels were built for the interpreter.
+model.py calls one of these when the model's config asks for kernels (UMMConfig.kernels) and
+`can_run(op, x)` holds: `USE[op]` below, triton imports, and the tensor is on CUDA or the kernels
+were built for the interpreter; else it runs its own torch version.
 Triton decides interpreter-or-GPU when it decorates a kernel, i.e. when this file is imported,
 so TRITON_INTERPRET=1 must be in the environment before `import kernels` (tests/conftest.py
 sets it on machines without CUDA).
@@ -28,23 +30,25 @@ deterministic: each program sums its own rows into a row of a partial buffer, an
 the partial buffer; there are no atomics. Offsets are int32: tensors up to 2^31 elements.
 
 Benchmark status (`python kernels.py`, forward+backward in the dtypes of a bf16-autocast training
-step): NOT YET MEASURED, this file was written on machines without a GPU. All ops are in USE until
+step): not yet measured, this file was written on machines without a GPU. All ops are in USE until
 the table is run on the target GPU; an op whose Triton time does not beat the compiled reference
-on both `small` and `base` must be set to False in USE, with the numbers written here. No further
+on both `small` and `base` must be set to False in USE, with the numbers in README. No further
 op (flow-matching interpolation + MSE, LM-head cross-entropy) is fused until a profile of a GPU
 training step shows it is worth it: the vocabulary is a few hundred tokens and an image is 64×64×3.
+Without a GPU, tests/test_kernels.py checks that every launch the benchmark makes compiles for
+the H100/H200 (sm_90) with no register spills (README's Speed section has the register counts).
 
-What is checked without a GPU (tests/test_kernels.py): every launch the benchmark makes compiles
-for the H100/H200 (sm_90) with no register spills. At the default 4 warps ptxas gives them 46
-(swiglu forward) to 222 (rmsnorm_modulate backward, base) registers per thread; 222 leave room for
-only 2 programs per SM. If that kernel lags the compiled reference, try num_warps=8 first. The
-numbers come from `cd tests && TRITON_INTERPRET=0 PYTHONPATH=.. python -c "import test_kernels as
-t; print(*t.hopper_resources(), sep=chr(10))"`.
+The timing helpers at the end (device_name, median_seconds, measured_matmul_flops, rates,
+print_bench_row) are what train.py's log and --bench row, sample.py's --bench line, python
+model.py and the table here report with; they import nothing from the project.
 """
 
+import functools
 import math
 import os
+import statistics
 import sys
+import time
 from types import SimpleNamespace
 
 import torch
@@ -68,8 +72,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 USE = {"rmsnorm": True, "rmsnorm_modulate": True, "rope": True, "swiglu": True}
 
 
-def _use_triton(op: str, use_triton: bool, x: Tensor) -> bool:
-    return use_triton and USE[op] and HAS_TRITON and (x.is_cuda or INTERPRET)
+def can_run(op: str, x: Tensor) -> bool:
+    """Whether op's Triton kernel runs on x: kept on in USE, triton imported, and a GPU tensor or
+    the interpreter."""
+    return USE[op] and HAS_TRITON and (x.is_cuda or INTERPRET)
 
 
 def _rows(t: Tensor, C: int) -> Tensor:
@@ -98,12 +104,6 @@ def _row_block(C: int) -> tuple[int, int]:
 #   r = 1 / sqrt(mean_c(x²) + eps),  x̂ = x·r,  y = x̂·w
 # backward, with g = dy·w:
 #   dx = r·(g − x̂·mean_c(g·x̂)),  dw = Σ_rows dy·x̂
-
-
-def rmsnorm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return y.to(x.dtype)
 
 
 @triton.jit
@@ -195,11 +195,9 @@ def _rmsnorm_backward(ctx, dy, drstd):
 _rmsnorm_op.register_autograd(_rmsnorm_backward, setup_context=_rmsnorm_setup)
 
 
-def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6, use_triton: bool = True) -> Tensor:
+def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dimension with a learned gain; statistics in fp32, output in x.dtype."""
-    if _use_triton("rmsnorm", use_triton, x):
-        return _rmsnorm_op(x, weight, eps)[0]
-    return rmsnorm_reference(x, weight, eps)
+    return _rmsnorm_op(x, weight, eps)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -209,13 +207,6 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6, use_triton: bool = Tru
 #   dx = r·(g − x̂·mean_c(g·x̂)),  dscale[b] = Σ_t dy·x̂,  dshift[b] = Σ_t dy
 # The sums over t are per sample: program (b, p) sums its chunk of sample b's rows into row
 # (b, p) of a partial buffer.
-
-
-def rmsnorm_modulate_reference(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
-    xf = x.float()
-    xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = xhat * (1 + scale.float()[:, None]) + shift.float()[:, None]
-    return y.to(x.dtype)
 
 
 @triton.jit
@@ -317,12 +308,9 @@ def _modulate_backward(ctx, dy, drstd):
 _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
 
 
-def rmsnorm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6,
-                     use_triton: bool = True) -> Tensor:
+def rmsnorm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
     """adaLN: RMSNorm without gain, then per-sample `(1 + scale)` and `+ shift`; output in x.dtype."""
-    if _use_triton("rmsnorm_modulate", use_triton, x):
-        return _modulate_op(x, scale, shift, eps)[0]
-    return rmsnorm_modulate_reference(x, scale, shift, eps)
+    return _modulate_op(x, scale, shift, eps)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -331,13 +319,6 @@ def rmsnorm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6,
 # The backward is the inverse rotation (sin → −sin):
 #   dx1 = dy1·cos + dy2·sin,  dx2 = −dy1·sin + dy2·cos
 # cos and sin are fixed tables: no gradient flows to them.
-
-
-def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    y = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return y.to(x.dtype)
 
 
 @triton.jit
@@ -409,11 +390,9 @@ def _rope_backward(ctx, dy):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor, use_triton: bool = True) -> Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding of x (B, H, T, D) by fp32 tables cos, sin (T, D/2); output in x.dtype."""
-    if _use_triton("rope", use_triton, x):
-        return _rope_op(x, cos, sin)
-    return rope_reference(x, cos, sin)
+    return _rope_op(x, cos, sin)
 
 
 # -----------------------------------------------------------------------------
@@ -422,10 +401,6 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, use_triton: bool = True) -> Tensor
 # backward:
 #   du = dy·g·σ(g),  dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))
 # The backward recomputes σ(g) rather than saving it: one less activation in memory.
-
-
-def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
-    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
 @triton.jit
@@ -511,39 +486,118 @@ def _swiglu_backward(ctx, dy):
 _swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
-def swiglu(gate: Tensor, up: Tensor, use_triton: bool = True) -> Tensor:
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate)·up, elementwise; output in gate.dtype."""
-    if _use_triton("swiglu", use_triton, gate):
-        return _swiglu_op(gate, up)
-    return swiglu_reference(gate, up)
+    return _swiglu_op(gate, up)
+
+
+# -----------------------------------------------------------------------------
+# Timing: what every benchmark here reports with. A time is reported under device_name;
+# median_seconds times a call; MFU divides the model's training FLOP/s by a peak, by default
+# measured_matmul_flops of the same device.
+
+def device_name(device: torch.device) -> str:
+    """The name a timing is reported under: the GPU's model, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def median_seconds(fn, device: torch.device, repeats: int = 5) -> float:
+    """Median wall time of fn() over `repeats` calls after one warm-up call (which builds kernels,
+    and lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def measured_matmul_flops(device: torch.device) -> float:
+    """Median rate of one large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU),
+    measured once per device ("cuda" is the current GPU).
+
+    Measured rather than read off a data sheet: it is what this device, at its clocks and power
+    limit, reaches on the best case of the op the model spends its time in. The data-sheet dense
+    bf16 peak of an H100/H200 SXM is 989 TFLOP/s; MFU against it is lower by the ratio printed."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _matmul_flops(device)
+
+
+@functools.cache
+def _matmul_flops(device: torch.device) -> float:
+    n, dtype, reps = (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 1)
+    a = torch.ones(n, n, device=device, dtype=dtype)  # ones, not randn: the RNG stream stays untouched
+
+    def matmuls():
+        for _ in range(reps):
+            a @ a
+
+    return 2 * n ** 3 * reps / median_seconds(matmuls, device)
+
+
+def rates(model, counts: dict, batch_size: int, seconds: float, peak: float) -> dict:
+    """Throughput of training steps of `seconds` each, each of batch_size samples mixed as
+    `counts` (samples per task of one micro-batch): ms/step, tokens/s, images/s, and MFU, the
+    model's FLOP/s (model.flops_per_sample) over `peak` FLOP/s."""
+    micro_batch = sum(counts.values())
+    tokens = sum(n * model.tokens_per_sample(task) for task, n in counts.items())
+    images = sum(n for task, n in counts.items() if task != "vqa")
+    flops = sum(n * model.flops_per_sample(task) for task, n in counts.items())
+    return {"ms_per_step": seconds * 1e3,
+            "tokens_per_s": tokens / micro_batch * batch_size / seconds,
+            "images_per_s": images / micro_batch * batch_size / seconds,
+            "mfu": flops / micro_batch * batch_size / seconds / peak}
+
+
+def print_bench_row(preset: str, setup: str, device: torch.device, r: dict) -> None:
+    """Print train.py's --bench result r as one row of README's speed table, under its header."""
+    mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+    print("| preset | setup | device | tokens/s | images/s | ms/step | MFU | of peak TFLOP/s "
+          "| peak mem GiB | recompiles after warm-up |")
+    print(f"| {preset} | {setup} | {device_name(device)} | {r['tokens_per_s']:,.0f} | "
+          f"{r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {100 * r['mfu']:.1f}% | "
+          f"{r['peak_tflops']:.4g} | {mem} | {r['recompiles']} |")
 
 
 # -----------------------------------------------------------------------------
 # Benchmark: forward+backward of each op on the shapes of the model's presets: the edit layout
-# (the longest sequence) at train.py's micro-batch, width C, SwiGLU width F, heads of head_dim
-# (rope runs on queries and keys concatenated, 2C/head_dim heads), and the flow head's adaLN
-# norms on the T_head noisy tokens only.
+# (the longest sequence) at the GPU presets' micro-batch, width C, SwiGLU width F, heads of
+# head_dim (rope runs on queries and keys concatenated, 2C/head_dim heads), and the flow head's
+# adaLN norms on the T_head noisy tokens only. Against model.py's torch versions, eager and
+# compiled. This is bench code: the only place this file imports model.py (which imports it).
+
+BENCH_MICRO_BATCH = 64  # train.py's micro_batch of small and base (tests/test_kernels.py checks)
+
 
 def preset_shapes():
-    """{preset: op shapes} for small and base, read from model.py and train.py so they never go stale."""
-    import model  # imported here: model.py imports this file
-    import train
+    """{preset: op shapes} for small and base, read from model.py so they never go stale."""
+    import model
+
     out = {}
     for name in ("small", "base"):
         cfg = model.UMMConfig.preset(name, vocab_size=1)
-        out[name] = dict(B=train.PRESETS[name]["micro_batch"], T=model.Layout(cfg, "edit").T, C=cfg.width,
-                         head_dim=cfg.width // cfg.heads, F=cfg.hidden, T_head=(cfg.image_size // cfg.patch) ** 2)
+        out[name] = dict(B=BENCH_MICRO_BATCH, T=model.Layout(cfg, "edit").T, C=cfg.width,
+                         head_dim=cfg.width // cfg.heads, F=cfg.hidden,
+                         T_head=(cfg.image_size // cfg.patch) ** 2)
     return out
 
 
 def _bench_cases(B, T, C, head_dim, F, T_head, device):
-    """(op, reference, Triton op, inputs, bytes a fused forward+backward must move at least).
+    """(op, model.py's torch version, Triton op, inputs, bytes a fused forward+backward must move
+    at least).
 
     The inputs have the dtypes and layouts of a bf16-autocast training step (train.py on CUDA):
     the residual stream stays fp32, so both norms read fp32 activations (and RMSNorm an fp32
     gain), while adaLN's scale and shift, q and k, and SwiGLU's gate and up are outputs of linear
     layers, in bf16; gate and up are the two halves of one projection, row-strided views.
     tests/test_kernels.py checks these against the calls a step of each preset really makes."""
+    import model
+
     def leaf(*shape, dtype):
         return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
 
@@ -554,14 +608,15 @@ def _bench_cases(B, T, C, head_dim, F, T_head, device):
     # Forward reads inputs and writes the output; backward reads the saved inputs and dy and
     # writes every gradient. Per-row statistics and (B, C)/(C,) vectors are negligible.
     return [
-        ("rmsnorm", rmsnorm_reference, lambda *a: _rmsnorm_op(*a)[0],
+        ("rmsnorm", model.rmsnorm, rmsnorm,
          (leaf(B, T, C, dtype=f32), leaf(C, dtype=f32), 1e-6), 5 * B * T * C * 4),
-        ("rmsnorm_modulate", rmsnorm_modulate_reference, lambda *a: _modulate_op(*a)[0],
+        ("rmsnorm_modulate", model.rmsnorm_modulate, rmsnorm_modulate,
          (leaf(B, T_head, C, dtype=f32), leaf(B, C, dtype=bf16), leaf(B, C, dtype=bf16), 1e-6),
          5 * B * T_head * C * 4),
-        ("rope", rope_reference, _rope_op,
-         (leaf(B, H, T, head_dim, dtype=bf16), angles.cos(), angles.sin()), 4 * B * H * T * head_dim * 2),
-        ("swiglu", swiglu_reference, _swiglu_op, (gate, up), 8 * B * T * F * 2),
+        ("rope", model.rope, rope,
+         (leaf(B, H, T, head_dim, dtype=bf16), angles.cos(), angles.sin()),
+         4 * B * H * T * head_dim * 2),
+        ("swiglu", model.swiglu, swiglu, (gate, up), 8 * B * T * F * 2),
     ]
 
 
@@ -579,14 +634,14 @@ def benchmark():
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_gbps = 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
-    print(f"{torch.cuda.get_device_name(device)}, the dtypes of a bf16-autocast step, forward+backward, "
+    print(f"{device_name(device)}, the dtypes of a bf16-autocast step, forward+backward, "
           f"median of do_bench, copy bandwidth {copy_gbps:.0f} GB/s")
     print(f"{'preset':<7}{'op':<18}{'eager ms':>10}{'compile ms':>12}{'triton ms':>11}"
           f"{'triton GB/s':>13}{'of copy':>9}{'vs compile':>12}")
     for preset, shape in preset_shapes().items():
         for op, reference, fused_op, args, nbytes in _bench_cases(**shape, device=device):
             eager = do_bench(_fwd_bwd(reference, args), return_mode="median")
-            compiled_reference = torch.compile(reference, dynamic=False)  # one preset's shapes at a time
+            compiled_reference = torch.compile(reference, dynamic=False)  # one preset's shapes
             compiled = do_bench(_fwd_bwd(compiled_reference, args), return_mode="median")
             fused = do_bench(_fwd_bwd(fused_op, args), return_mode="median")
             gbps = nbytes / fused / 1e6

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import kernels
 import synth
 import train
 from model import UMM, UMMConfig, collate, euler
@@ -118,11 +119,13 @@ def bench(model, tok, world, batch, sampling, device, repeats=5):
     guided = lambda x, t: model.guided_velocity("t2i", t2i, x, t, sampling.cfg)
 
     with amp:
-        r = {"answers_per_s": batch / train.median_seconds(lambda: model.generate_text(vqa), device, repeats),
-             "images_per_s": batch / train.median_seconds(lambda: euler(guided, noise, sampling.steps, sampling.shift),
-                                                          device, repeats)}
-    print(f"width {model.cfg.width}, batch {batch}, {train.device_name(device)}: {r['answers_per_s']:,.1f} VQA answers/s (KV cache), "
-          f"{r['images_per_s']:,.1f} T2I images/s ({sampling.steps} Euler steps, guidance {sampling.cfg})")
+        answering = kernels.median_seconds(lambda: model.generate_text(vqa), device, repeats)
+        drawing = kernels.median_seconds(lambda: euler(guided, noise, sampling.steps, sampling.shift),
+                                         device, repeats)
+    r = {"answers_per_s": batch / answering, "images_per_s": batch / drawing}
+    print(f"width {model.cfg.width}, batch {batch}, {kernels.device_name(device)}: "
+          f"{r['answers_per_s']:,.1f} VQA answers/s (KV cache), {r['images_per_s']:,.1f} T2I "
+          f"images/s ({sampling.steps} Euler steps, guidance {sampling.cfg})")
     return r
 
 

@@ -1,5 +1,5 @@
 """
-Triton kernels against their torch references: the output and every gradient.
+Triton kernels against their torch references (model.py's ops): the output and every gradient.
 
     python -m pytest -q tests/test_kernels.py
 
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import kernels
+import model as M
 import synth
 from model import UMM, UMMConfig, collate
 
@@ -77,7 +78,7 @@ def assert_matches(fn, reference, inputs, consts, atol, rtol):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rmsnorm(shape, device, dtype, atol, rtol):
     inputs = leaves(device, dtype, shape, shape[-1:])
-    assert_matches(kernels.rmsnorm, kernels.rmsnorm_reference, inputs, (1e-6,), atol, rtol)
+    assert_matches(kernels.rmsnorm, M.rmsnorm, inputs, (1e-6,), atol, rtol)
 
 
 @pytest.mark.parametrize("device,dtype,atol,rtol", CASES)
@@ -85,7 +86,7 @@ def test_rmsnorm(shape, device, dtype, atol, rtol):
 def test_rmsnorm_modulate(shape, device, dtype, atol, rtol):
     B, T, C = shape
     inputs = leaves(device, dtype, shape, (B, C), (B, C))
-    assert_matches(kernels.rmsnorm_modulate, kernels.rmsnorm_modulate_reference, inputs, (1e-6,), atol, rtol)
+    assert_matches(kernels.rmsnorm_modulate, M.rmsnorm_modulate, inputs, (1e-6,), atol, rtol)
 
 
 @pytest.mark.parametrize("device,dtype,atol,rtol", CASES)
@@ -99,7 +100,7 @@ def test_rope(shape, device, dtype, atol, rtol):
     def with_view(fn):
         return lambda x, cos, sin: fn(x.transpose(1, 2), cos, sin)
 
-    assert_matches(with_view(kernels.rope), with_view(kernels.rope_reference), [x],
+    assert_matches(with_view(kernels.rope), with_view(M.rope), [x],
                    (angles.cos(), angles.sin()), atol, rtol)
 
 
@@ -112,7 +113,7 @@ def test_swiglu(shape, device, dtype, atol, rtol):
     def with_chunks(fn):
         return lambda h: fn(*h.chunk(2, dim=-1))
 
-    assert_matches(with_chunks(kernels.swiglu), with_chunks(kernels.swiglu_reference), [h], (), atol, rtol)
+    assert_matches(with_chunks(kernels.swiglu), with_chunks(M.swiglu), [h], (), atol, rtol)
 
 
 @pytest.mark.parametrize("device,dtype,atol,rtol", CASES)
@@ -154,7 +155,8 @@ class TinyBlock(torch.nn.Module):
 
     def __init__(self, use_triton, C=64, heads=2, F=96):
         super().__init__()
-        self.use_triton, self.heads = use_triton, heads
+        self.ops = kernels if use_triton else M  # the same four functions, Triton or torch
+        self.heads = heads
         self.norm1 = torch.nn.Parameter(torch.ones(C))
         self.norm2 = torch.nn.Parameter(torch.ones(C))
         self.qkv = torch.nn.Linear(C, 3 * C, bias=False)
@@ -165,16 +167,16 @@ class TinyBlock(torch.nn.Module):
 
     def forward(self, x, cond, cos, sin):  # x (B, T, C), cond (B, C), cos/sin (T, D/2)
         B, T, C = x.shape
-        k_on = self.use_triton
-        h = self.qkv(kernels.rmsnorm(x, self.norm1, use_triton=k_on))
+        ops = self.ops
+        h = self.qkv(ops.rmsnorm(x, self.norm1))
         q, k, v = h.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
-        q, k = kernels.rope(q, cos, sin, use_triton=k_on), kernels.rope(k, cos, sin, use_triton=k_on)
+        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(att.transpose(1, 2).reshape(B, T, C))
-        gate, up = self.up(kernels.rmsnorm(x, self.norm2, use_triton=k_on)).chunk(2, dim=-1)
-        x = x + self.down(kernels.swiglu(gate, up, use_triton=k_on))
+        gate, up = self.up(ops.rmsnorm(x, self.norm2)).chunk(2, dim=-1)
+        x = x + self.down(ops.swiglu(gate, up))
         scale, shift = self.ada(cond).chunk(2, dim=-1)
-        return kernels.rmsnorm_modulate(x, scale, shift, use_triton=k_on)
+        return ops.rmsnorm_modulate(x, scale, shift)
 
 
 # A whole block compounds roundings, so it is compared tensor by tensor: ‖a − b‖ / ‖b‖. fp32:
@@ -214,35 +216,42 @@ def test_compiled_block_with_kernels(device, dtype, atol, rtol):
 
 
 def test_dispatch_falls_back_to_reference(monkeypatch):
-    x, w = torch.randn(2, 8, 64), torch.randn(64)
-    assert kernels._use_triton("rmsnorm", True, x) == kernels.INTERPRET  # CPU: only in the interpreter
-    assert not kernels._use_triton("rmsnorm", False, x)  # the model's kernels=False
+    x = torch.randn(2, 8, 64)
+    norm, fused_norm = M.RMSNorm(64, fused=False), M.RMSNorm(64, fused=True)
+    assert kernels.can_run("rmsnorm", x) == kernels.INTERPRET  # CPU: only in the interpreter
     monkeypatch.setitem(kernels.USE, "rmsnorm", False)
-    assert not kernels._use_triton("rmsnorm", True, x)  # an op that lost to torch.compile
+    assert not kernels.can_run("rmsnorm", x)  # an op that lost to torch.compile
     monkeypatch.setitem(kernels.USE, "rmsnorm", True)
-    monkeypatch.setattr(kernels, "HAS_TRITON", False)
-    assert not kernels._use_triton("rmsnorm", True, x)
 
     def no_kernel(*args):
-        raise AssertionError("the Triton op must not run without triton")
+        raise AssertionError("the Triton op must not run here")
 
     monkeypatch.setattr(kernels, "_rmsnorm_op", no_kernel)
-    assert torch.equal(kernels.rmsnorm(x, w), kernels.rmsnorm_reference(x, w))
+    assert torch.equal(norm(x), M.rmsnorm(x, norm.weight))  # the model's kernels=False
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    assert not kernels.can_run("rmsnorm", x)
+    assert torch.equal(fused_norm(x), M.rmsnorm(x, fused_norm.weight))  # kernels=True, no triton
 
 
 def test_imports_and_runs_without_triton():
-    # A CPU install may lack triton: importing kernels must not need it, and every op falls back.
+    # A CPU install may lack triton: importing kernels must not need it, and every op falls back:
+    # a model with kernels on computes exactly what one with kernels off does.
     code = """
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
-import torch, kernels
+import torch, kernels, model, synth
 assert not kernels.HAS_TRITON
-x, w, s = torch.randn(2, 8, 64), torch.randn(64), torch.randn(2, 64)
-cos, sin = torch.randn(2, 8, 32)
-assert torch.equal(kernels.rmsnorm(x, w), kernels.rmsnorm_reference(x, w))
-assert torch.equal(kernels.rmsnorm_modulate(x, s, s), kernels.rmsnorm_modulate_reference(x, s, s))
-assert torch.equal(kernels.rope(x[:, None], cos, sin), kernels.rope_reference(x[:, None], cos, sin))
-assert torch.equal(kernels.swiglu(x, x), kernels.swiglu_reference(x, x))
+tok = synth.get_tokenizer("tiny")
+samples = [synth.make_sample("tiny", task, "train", i) for i, task in enumerate(synth.TASKS)]
+losses = []
+for fused in (False, True):
+    torch.manual_seed(0)
+    m = model.UMM(model.UMMConfig.preset("tiny", width=64, vocab_size=tok.get_vocab_size(), kernels=fused))
+    for p in m.parameters():  # wake up the zero-initialised adaLN path
+        p.data.add_(torch.randn_like(p) * 0.02)
+    torch.manual_seed(1)
+    losses.append(m.loss(model.collate(samples, m.cfg, tok))[0])
+assert torch.equal(*losses)
 """
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
@@ -254,9 +263,10 @@ def one_sample_per_task(world):
 
 @pytest.fixture
 def triton_used(monkeypatch):
-    """The list of dispatch decisions (True: the Triton kernel ran) of the ops called during a test."""
-    used, real = [], kernels._use_triton
-    monkeypatch.setattr(kernels, "_use_triton", lambda *a: used.append(real(*a)) or used[-1])
+    """The list of dispatch decisions (True: the Triton kernel ran) of the ops that a model with
+    kernels on called during a test (a model with kernels off asks for none)."""
+    used, real = [], kernels.can_run
+    monkeypatch.setattr(kernels, "can_run", lambda *a: used.append(real(*a)) or used[-1])
     return used
 
 
@@ -264,8 +274,9 @@ def test_model_with_kernels_equals_model_without(triton_used):
     """The whole model, kernels on (interpreted Triton on CPU) vs off: same loss and gradients in fp32."""
     tok = synth.get_tokenizer("tiny")
     samples = one_sample_per_task("tiny")
-    losses, grads = [], []
+    losses, grads, decisions = [], [], []
     for fused in (False, True):
+        triton_used.clear()
         torch.manual_seed(0)
         model = UMM(UMMConfig.preset("tiny", width=64, vocab_size=tok.get_vocab_size(), kernels=fused))
         for p in model.parameters():  # DiT's zero-init head would hide the adaLN path: wake it up
@@ -276,7 +287,8 @@ def test_model_with_kernels_equals_model_without(triton_used):
         loss.backward()
         losses.append(loss.item())
         grads.append([p.grad.clone() for p in model.parameters()])
-    assert any(triton_used) and not all(triton_used)  # the fused run really ran Triton, the other did not
+        decisions.append(list(triton_used))
+    assert any(decisions[1]) and not any(decisions[0])  # the fused run really ran Triton, the other did not
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for a, b in zip(*grads):  # fp32, same math in a different order: 1e-4 relative to the largest entry
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-7
@@ -309,9 +321,10 @@ def test_training_step_with_kernels_compiles_to_one_graph(device, triton_used):
 
 
 def kernel_calls(preset):
-    """{(op, ((dtype, last dim), ...))}: the distinct kernels.* calls of one bf16-autocast training step of
-    a preset's widths (one block per stack: the depth changes how often each call is made, not its inputs).
-    CPU autocast casts linear layers to bf16 and leaves the residual stream in fp32, as CUDA's does."""
+    """{(op, ((dtype, last dim), ...))}: the distinct calls of the four ops (model.py's torch versions, which
+    kernels.py's replace) in one bf16-autocast training step of a preset's widths (one block per stack: the
+    depth changes how often each call is made, not its inputs). CPU autocast casts linear layers to bf16 and
+    leaves the residual stream in fp32, as CUDA's does."""
     import train
 
     world = train.PRESETS[preset]["world"]
@@ -320,7 +333,7 @@ def kernel_calls(preset):
     calls = set()
 
     def recorded(op):
-        fn = getattr(kernels, op)
+        fn = getattr(M, op)
 
         def call(*args, **kwargs):
             calls.add((op, tuple((a.dtype, a.shape[-1]) for a in args if isinstance(a, torch.Tensor))))
@@ -329,7 +342,7 @@ def kernel_calls(preset):
 
     with pytest.MonkeyPatch.context() as mp:
         for op in kernels.USE:
-            mp.setattr(kernels, op, recorded(op))
+            mp.setattr(M, op, recorded(op))
         samples = one_sample_per_task(world)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = UMM(cfg).loss(collate(samples, cfg, tok))
@@ -341,6 +354,9 @@ def kernel_calls(preset):
 def test_benchmark_cases_are_what_training_runs(preset):
     # python kernels.py decides which kernels stay on: it must time the dtypes and widths a training
     # step really passes (fp32 norms of the residual stream, bf16 rope and SwiGLU), not guessed ones.
+    import train
+
+    assert kernels.preset_shapes()[preset]["B"] == train.PRESETS[preset]["micro_batch"]
     shape = dict(kernels.preset_shapes()[preset], B=2, T=5)
     benched = {(op, tuple((a.dtype, a.shape[-1]) for a in args if isinstance(a, torch.Tensor)))
                for op, _, _, args, _ in kernels._bench_cases(**shape, device="cpu")}

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import kernels
 import synth
 import train
 
@@ -22,8 +23,7 @@ FAST = ["--device=cpu", "--width=64", "--batch_size=8", "--micro_batch=8", "--ma
 
 
 def run(tmp_path, *args):
-    cfg = train.parse_args(FAST + [f"--out_dir={tmp_path}", *args])
-    return train.train(cfg)
+    return train.main(FAST + [f"--out_dir={tmp_path}", *args])
 
 
 def losses(run_dir):
@@ -43,8 +43,11 @@ def test_parse_args_types_unknown_keys_and_help():
         train.parse_args(["--mot=maybe"])
     with pytest.raises(ValueError, match="unknown recipe"):
         train.parse_args(["--recipe=magic"])
+    assert train.parse_args(["--lr", "0.1", "--mot", "1"]) == train.parse_args(["--lr=0.1", "--mot=1"])
     with pytest.raises(ValueError, match="not --key=value"):
-        train.parse_args(["--lr", "0.1"])
+        train.parse_args(["lr=0.1"])
+    with pytest.raises(ValueError, match="--lr needs a value"):
+        train.parse_args(["--lr"])
     r = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "--max_steps=6000" in r.stdout and "--recipe='pretrain'" in r.stdout
     r = subprocess.run([sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True)
@@ -155,14 +158,14 @@ def test_bench_prints_one_table_row_and_saves_nothing(tmp_path, capsys):
     assert row["peak_mem_gib"] is None and row["recompiles"] == 0  # CPU: no CUDA memory stats
     # MFU divides by the measured fp32 matmul rate on the CPU: a FLOP count or a rate in the wrong unit
     # would put it outside (0, 1).
-    assert row["peak_tflops"] == train.measured_matmul_flops(torch.device("cpu")) / 1e12
+    assert row["peak_tflops"] == kernels.measured_matmul_flops(torch.device("cpu")) / 1e12
     assert 0 < row["mfu"] < 1
     assert "| tiny | eager + sdpa | cpu |" in capsys.readouterr().out
     assert not (tmp_path / "b").exists()
 
 
 def test_peak_tflops_overrides_the_measured_peak(tmp_path, capsys):
-    measured = train.measured_matmul_flops(torch.device("cpu"))
+    measured = kernels.measured_matmul_flops(torch.device("cpu"))
     assert 1e9 < measured < 1e14  # fp32 GEMM on a CPU: GFLOP/s to tens of TFLOP/s
     fast = run(tmp_path, "--name=b", "--bench=2", "--peak_tflops=1e-3")
     assert fast["peak_tflops"] == 1e-3 and fast["mfu"] > 1  # a 1 GFLOP/s "peak" is beaten
@@ -179,8 +182,7 @@ GPU = ["--preset=small", "--batch_size=64", "--micro_batch=32", "--warmup=2", "-
 
 @cuda
 def test_gpu_compiled_step_with_kernels_and_flex_does_not_recompile(tmp_path):
-    row = train.train(train.parse_args(GPU + [f"--out_dir={tmp_path}", "--bench=5", "--compile=1", "--kernels=1",
-                                              "--flex=1"]))
+    row = train.main(GPU + [f"--out_dir={tmp_path}", "--bench=5", "--compile=1", "--kernels=1", "--flex=1"])
     assert row["recompiles"] == 0 and row["mfu"] > 0 and row["peak_mem_gib"] > 0
 
 
