@@ -2,8 +2,8 @@
 Hand-written Triton kernels for the memory-bound ops around attention, and the timing helpers
 that every benchmark of the project uses.
 
-    python kernels.py                        # benchmark table (needs a CUDA device)
-    python -m pytest -q tests/test_kernels.py   # without CUDA: the kernels run in Triton's interpreter
+    python kernels.py                          # benchmark table (needs a CUDA device)
+    python -m pytest -q tests/test_kernels.py  # without CUDA: in Triton's interpreter
 
 The math of the four ops is model.py's: rmsnorm, rmsnorm_modulate, rope and swiglu, plain torch.
 Each op has one section here: the math with its backward, Triton forward and backward kernels, a
@@ -34,7 +34,7 @@ step): not yet measured, this file was written on machines without a GPU. All op
 the table is run on the target GPU; an op whose Triton time does not beat the compiled reference
 on both `small` and `base` must be set to False in USE, with the numbers in README. No further
 op (flow-matching interpolation + MSE, LM-head cross-entropy) is fused until a profile of a GPU
-training step shows it is worth it: the vocabulary is a few hundred tokens and an image is 64×64×3.
+training step shows it is worth it: the vocabulary is a few hundred tokens, an image 64×64×3.
 Without a GPU, tests/test_kernels.py checks that every launch the benchmark makes compiles for
 the H100/H200 (sm_90) with no register spills (README's Speed section has the register counts).
 
@@ -132,8 +132,10 @@ def _rmsnorm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, N, 
     for start in range(row_start, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows[:, None] < row_end) & (cols[None, :] < C)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=rows < row_end, other=0.0)
         xhat = x * rstd[:, None]
         g = dy * w[None, :]
@@ -196,7 +198,8 @@ _rmsnorm_op.register_autograd(_rmsnorm_backward, setup_context=_rmsnorm_setup)
 
 
 def rmsnorm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """RMSNorm over the last dimension with a learned gain; statistics in fp32, output in x.dtype."""
+    """RMSNorm over the last dimension with a learned gain; statistics in fp32, output in x's
+    dtype."""
     return _rmsnorm_op(x, weight, eps)[0]
 
 
@@ -227,8 +230,8 @@ def _modulate_fwd_kernel(X, SCALE, SHIFT, Y, RSTD, T, C, eps,
 
 
 @triton.jit
-def _modulate_bwd_kernel(DY, X, SCALE, RSTD, DX, DSCALE_PARTIAL, DSHIFT_PARTIAL, T, C, rows_per_program,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulate_bwd_kernel(DY, X, SCALE, RSTD, DX, DSCALE_PARTIAL, DSHIFT_PARTIAL, T, C,
+                         rows_per_program, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)
     p = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
@@ -265,7 +268,8 @@ def _modulate_op(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> tuple[T
     rstd = torch.empty((B, T), dtype=torch.float32, device=x.device)
     BLOCK_R, BLOCK_C = _row_block(C)
     _modulate_fwd_kernel[(B, triton.cdiv(T, BLOCK_R))](
-        x, scale.contiguous(), shift.contiguous(), y, rstd, T, C, eps, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        x, scale.contiguous(), shift.contiguous(), y, rstd, T, C, eps,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return y, rstd
 
 
@@ -275,7 +279,8 @@ def _(x, scale, shift, eps):
 
 
 @torch.library.custom_op("nanoumm::rmsnorm_modulate_bwd", mutates_args=())
-def _modulate_bwd_op(dy: Tensor, x: Tensor, scale: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _modulate_bwd_op(dy: Tensor, x: Tensor, scale: Tensor, rstd: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     B, T, C = x.shape
     x, dy = x.contiguous(), dy.contiguous()
     BLOCK_R, BLOCK_C = _row_block(C)
@@ -309,7 +314,8 @@ _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup
 
 
 def rmsnorm_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
-    """adaLN: RMSNorm without gain, then per-sample `(1 + scale)` and `+ shift`; output in x.dtype."""
+    """adaLN: RMSNorm without gain, then per-sample `(1 + scale)` and `+ shift`; output in x's
+    dtype."""
     return _modulate_op(x, scale, shift, eps)[0]
 
 
@@ -352,8 +358,8 @@ def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     BLOCK_T = max(1, min(64, 4096 // BLOCK_D))
     # x may be a strided view (q or k transposed out of a fused qkv projection): pass its strides.
     _rope_kernel[(B * H, triton.cdiv(T, BLOCK_T))](
-        x, cos.contiguous(), sin.contiguous(), y, x.stride(0), x.stride(1), x.stride(2), H, T, D // 2,
-        INVERSE=inverse, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+        x, cos.contiguous(), sin.contiguous(), y, x.stride(0), x.stride(1), x.stride(2), H, T,
+        D // 2, INVERSE=inverse, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
     return y
 
 
@@ -421,7 +427,8 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, N, F,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rows[:, None] < N) & (cols[None, :] < F)
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
@@ -503,7 +510,8 @@ def device_name(device: torch.device) -> str:
 
 def median_seconds(fn, device: torch.device, repeats: int = 5) -> float:
     """Median wall time of fn() over `repeats` calls after one warm-up call (which builds kernels,
-    and lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
+    and lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU
+    work."""
     times = []
     for _ in range(repeats + 1):
         if device.type == "cuda":
@@ -530,8 +538,10 @@ def measured_matmul_flops(device: torch.device) -> float:
 
 @functools.cache
 def _matmul_flops(device: torch.device) -> float:
-    n, dtype, reps = (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 1)
-    a = torch.ones(n, n, device=device, dtype=dtype)  # ones, not randn: the RNG stream stays untouched
+    n, dtype, reps = (1024, torch.float32, 1)
+    if device.type == "cuda":
+        n, dtype, reps = (8192, torch.bfloat16, 10)
+    a = torch.ones(n, n, device=device, dtype=dtype)  # ones, not randn: the RNG stays untouched
 
     def matmuls():
         for _ in range(reps):
