@@ -426,6 +426,10 @@ def matmul_weights(*modules):  # the weights of every nn.Linear in the modules, 
 
 
 class UMM(nn.Module):
+    """The unified model, in the order below: embedding (text, semantic and pixel image tokens),
+    the trunk, the heads (text logits; the flow head's velocity), the training loss, sampling
+    (Euler with guidance; KV-cache decoding), and the FLOP accounting for MFU."""
+
     def __init__(self, cfg):
         super().__init__()
         if cfg.vocab_size <= 0:
@@ -570,9 +574,6 @@ class UMM(nn.Module):
         return (x_t - x0) / t.clamp(min=0.05)[:, None, None]
 
     # --- training loss
-    def forward(self, batch, noise=None):  # DDP and torch.compile wrap forward: the training loss
-        return self.loss(batch, noise)
-
     def draw_noise(self, batch):
         """The flow loss's randomness, {generation task: (t (B,), eps (B, N, 3 p p), u (3, B))}:
         logit-normal times, Gaussian noise, and uniforms for the three condition dropouts. Training
@@ -589,6 +590,26 @@ class UMM(nn.Module):
                 u = torch.rand(3, B, device=target.device)
                 noise[task] = (t, eps, u)
         return noise
+
+    def answer_loss(self, sub):  # CE of the answer tokens of a 'vqa' sub-batch, teacher-forced
+        L = self.layouts["vqa"]
+        x, vis = self.embed("vqa", sub["tokens"], sem=sub["sem"])
+        h = self.trunk(x, self.mask("vqa", vis))  # (B, T, C)
+        logits = self.text_logits(h[:, L.answer.start - 1:L.answer.stop - 1])  # (B, A, V)
+        targets = sub["tokens"][:, L.answer]  # (B, A)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
+
+    def flow_errors(self, task, sub, noise):  # per-sample flow MSE (B,) of a 't2i' or 'edit' sub
+        x0 = patchify(self.check_image(sub["target"]), self.cfg.patch)  # (B, N, 3 p p)
+        t, eps, u = noise
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps  # (B, N, 3 p p)
+        rates = (self.cfg.txt_dropout, self.cfg.src_dropout, self.cfg.src_pixel_dropout)
+        if self.training:  # (B,) kept conditions: text, semantic source, pixel source
+            keep = [u[i] >= rate for i, rate in enumerate(rates)]
+        else:  # all kept, but a source that training always drops stays dropped
+            keep = [torch.full((x0.shape[0],), rate < 1, device=x0.device) for rate in rates]
+        v = self.velocity_patches(task, sub, x_t, t, *keep)
+        return (v.float() - (eps - x0)).pow(2).mean((1, 2))
 
     def loss(self, batch, noise=None):
         """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens; parts are detached
@@ -618,25 +639,8 @@ class UMM(nn.Module):
                 parts[f"flow_t{k}"] = per_bin[k]
         return total, parts
 
-    def answer_loss(self, sub):  # CE of the answer tokens of a 'vqa' sub-batch, teacher-forced
-        L = self.layouts["vqa"]
-        x, vis = self.embed("vqa", sub["tokens"], sem=sub["sem"])
-        h = self.trunk(x, self.mask("vqa", vis))  # (B, T, C)
-        logits = self.text_logits(h[:, L.answer.start - 1:L.answer.stop - 1])  # (B, A, V)
-        targets = sub["tokens"][:, L.answer]  # (B, A)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
-
-    def flow_errors(self, task, sub, noise):  # per-sample flow MSE (B,) of a 't2i' or 'edit' sub
-        x0 = patchify(self.check_image(sub["target"]), self.cfg.patch)  # (B, N, 3 p p)
-        t, eps, u = noise
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps  # (B, N, 3 p p)
-        rates = (self.cfg.txt_dropout, self.cfg.src_dropout, self.cfg.src_pixel_dropout)
-        if self.training:  # (B,) kept conditions: text, semantic source, pixel source
-            keep = [u[i] >= rate for i, rate in enumerate(rates)]
-        else:  # all kept, but a source that training always drops stays dropped
-            keep = [torch.full((x0.shape[0],), rate < 1, device=x0.device) for rate in rates]
-        v = self.velocity_patches(task, sub, x_t, t, *keep)
-        return (v.float() - (eps - x0)).pow(2).mean((1, 2))
+    def forward(self, batch, noise=None):  # DDP and torch.compile wrap forward: the training loss
+        return self.loss(batch, noise)
 
     # --- sampling
     def velocity(self, task, sub, x_t, t, with_text=True, with_image=True):
