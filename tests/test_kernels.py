@@ -235,23 +235,21 @@ def test_dispatch_falls_back_to_reference(monkeypatch):
 
 def test_imports_and_runs_without_triton():
     # A CPU install may lack triton: importing kernels must not need it, and every op falls back:
-    # a model with kernels on computes exactly what one with kernels off does.
+    # blocks with kernels on compute exactly what blocks with kernels off do.
     code = """
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
-import torch, kernels, model, synth
+import torch, kernels, model
 assert not kernels.HAS_TRITON
-tok = synth.get_tokenizer("tiny")
-samples = [synth.make_sample("tiny", task, "train", i) for i, task in enumerate(synth.TASKS)]
-losses = []
-for fused in (False, True):
+x, c = torch.randn(2, 8, 64), torch.randn(2, 64)
+cos, sin = torch.randn(2, 8, 32)
+outs = []
+for fused in (False, True):  # a block with RMSNorm, RoPE and SwiGLU, then an adaLN block
     torch.manual_seed(0)
-    m = model.UMM(model.UMMConfig.preset("tiny", width=64, vocab_size=tok.get_vocab_size(), kernels=fused))
-    for p in m.parameters():  # wake up the zero-initialised adaLN path
-        p.data.add_(torch.randn_like(p) * 0.02)
-    torch.manual_seed(1)
-    losses.append(m.loss(model.collate(samples, m.cfg, tok))[0])
-assert torch.equal(*losses)
+    cfg = model.UMMConfig(width=64, kernels=fused)
+    block, head = model.Block(cfg), model.AdaLNBlock(cfg)
+    outs.append(head(block(x, cos=cos, sin=sin), c))
+assert torch.equal(*outs)
 """
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
