@@ -59,7 +59,7 @@ def test_prompt_writes_images_and_grid_deterministically(ckpt, tmp_path, capsys)
     run(ckpt, tmp_path, "--prompt", "A red square above a circle.", "--n", "3", "--seed", "5")
     assert np.array_equal(first, np.array(Image.open(out / "gen_01.png")))  # same seed, same images
     run(ckpt, tmp_path, "--from_synth", "t2i:val:2", "--n", "2")
-    assert "images satisfy every clause" in capsys.readouterr().out
+    assert "images hold exactly the objects of the prompt" in capsys.readouterr().out
 
 
 def test_multi_round_edit_and_from_synth(ckpt, tmp_path, png, capsys):
