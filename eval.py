@@ -1,10 +1,10 @@
-"""Score a nanoUMM checkpoint on understanding, generation and editing, with synth.parse as the judge.
+"""Score a nanoUMM checkpoint on understanding, generation and editing; synth.parse is the judge.
 
-    python eval.py --ckpt out/pretrain                      # newest checkpoint of a run, EMA weights, val split
+    python eval.py --ckpt out/pretrain            # a run's newest checkpoint, EMA weights, val
     python eval.py --ckpt out/pretrain/step_006000 --split test_ood --out results/ood.json
-    python eval.py --baseline universal --out results/chance_universal/eval_val.json   # a chance row
-    python eval.py --compare results --rows base,uniedit    # mean ± std over seeds, paired differences
-    python eval.py -h                                       # every count and sampling knob
+    python eval.py --baseline universal           # a chance row: a trivial model on the same sets
+    python eval.py --compare results --rows base,uniedit   # mean ± std over seeds, differences
+    python eval.py -h                             # every count and sampling knob
 
 The sets are synth.make_sample(world, task, split, i) with data seed 0, so every checkpoint of a
 world sees the same questions, prompts and edits; --seed only seeds the sampling noise, drawn per
@@ -80,7 +80,7 @@ from tqdm import tqdm
 import synth
 from model import EOS, TASK_GROUP, collate, euler, load_checkpoint, newest_checkpoint
 
-GENEVAL = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # t2i "scene" is apart
+GENEVAL = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BATCH = 64  # samples per forward pass
 RESAMPLES = 1000  # bootstrap resamples behind every 95% interval
 
@@ -95,10 +95,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.steps < 1 or self.shift < 1:
-            raise ValueError(f"sampling needs steps >= 1 and shift >= 1, got steps={self.steps}, shift={self.shift}")
+            raise ValueError(f"sampling needs steps >= 1 and shift >= 1, got steps={self.steps}, "
+                             f"shift={self.shift}")
 
 
-# ----------------------------------------------------------------------------- loading and inference
+# ----------------------------------------------------------------------------- model calls
 # Shared with sample.py: every model call of both scripts goes through these helpers.
 
 def world_of(meta):
@@ -107,18 +108,22 @@ def world_of(meta):
 
 
 def load(ckpt, weights="ema", device="cpu"):
-    """(model, tokenizer, world, checkpoint folder, meta); a run folder means its newest checkpoint."""
+    """(model, tokenizer, world, checkpoint folder, meta); a run folder means its newest checkpoint.
+    Refuses a checkpoint of a world this synth.py draws differently: its scores would mean
+    nothing."""
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights must be ema or model, got {weights!r}")
     model, tok, meta = load_checkpoint(ckpt, weights, device)
     name = meta["world"].get("name")
-    if name not in synth.WORLDS or meta["world"] != json.loads(json.dumps(asdict(synth.WORLDS[name]))):
-        raise ValueError(f"checkpoint {ckpt} was trained on a world {name!r} that this synth.py no longer "
-                         f"draws (its images or judge differ): retrain it, or evaluate it at its own commit")
+    now = json.loads(json.dumps(asdict(synth.WORLDS[name]))) if name in synth.WORLDS else None
+    if meta["world"] != now:
+        raise ValueError(f"checkpoint {ckpt} was trained on a world {name!r} that this synth.py "
+                         f"no longer draws (its images or judge differ): retrain it, or evaluate "
+                         f"it at its own commit")
     world = world_of(meta)
     if world.size != model.cfg.image_size:
-        raise ValueError(f"checkpoint {ckpt}: world {world.name!r} is {world.size} px but the model takes "
-                         f"{model.cfg.image_size} px")
+        raise ValueError(f"checkpoint {ckpt}: world {world.name!r} is {world.size} px but the "
+                         f"model takes {model.cfg.image_size} px")
     return model, tok, world, newest_checkpoint(ckpt), meta
 
 
@@ -133,7 +138,7 @@ def on(device, sub):
 
 @torch.no_grad()
 def answer(model, tok, questions, device="cpu"):
-    """Greedy answers (str) to vqa-shaped dicts {"task": "vqa", "text", "image"}, one forward per BATCH."""
+    """Greedy answers (str) to vqa-shaped dicts {"text", "image"}, one forward per BATCH."""
     out = []
     for i in range(0, len(questions), BATCH):
         part = [{**q, "task": "vqa", "answer": None} for q in questions[i:i + BATCH]]
@@ -143,20 +148,20 @@ def answer(model, tok, questions, device="cpu"):
 
 
 def noise(key, seed, size):
-    """The starting noise (3, S, S) of one image: a pure function of (seed, key), independent of batching."""
+    """The starting noise (3, S, S) of one image: a function of (seed, key), not of batching."""
     g = torch.Generator().manual_seed(synth.sample_seed("noise", seed, key))
     return torch.randn(3, size, size, generator=g)
 
 
 @torch.no_grad()
 def draw(model, tok, samples, keys, sampling, seed=0, device="cpu"):
-    """Images (uint8 (B, S, S, 3)) for t2i prompts or edits (a source "image" and an instruction "text"),
-    all of one task group; keys name each image's noise, so a prompt drawn 4 times has 4 keys."""
+    """Images (uint8 (B, S, S, 3)) for t2i prompts or edits (a source "image" and an instruction
+    "text"), all of one task group; keys name each image's noise: a prompt drawn 4 times has 4."""
     task = TASK_GROUP[samples[0]["task"]]
     sub = on(device, collate([{**s, "target": None} for s in samples], model.cfg, tok)[task])
     x = torch.stack([noise(k, seed, model.cfg.image_size) for k in keys]).to(device)  # (B, 3, S, S)
     txt, img = (sampling.cfg, 1.0) if task == "t2i" else (sampling.cfg_txt, sampling.cfg_img)
-    if (txt, img) == (1.0, 1.0):  # guidance at scale 1 is the conditional velocity: one pass, not two or three
+    if (txt, img) == (1.0, 1.0):  # guidance at scale 1 is the conditional velocity: one pass
         fn = lambda x_t, t: model.velocity(task, sub, x_t, t)
     else:
         fn = lambda x_t, t: model.guided_velocity(task, sub, x_t, t, txt, img)
@@ -169,7 +174,8 @@ MALFORMED = "malformed"  # what a cell the parser could not read holds: it equal
 
 
 def cell_map(scene):
-    """Scene (or list of [shape, color, size, row, col]) -> {(row, col): (shape, color, size) or MALFORMED}."""
+    """Scene (or [[shape, color, size, row, col], ..]) -> {(row, col): (shape, color, size) or
+    MALFORMED}."""
     if not isinstance(scene, synth.Scene):
         scene = synth.Scene.of(scene)
     cells = {(o.row, o.col): tuple(o[:3]) for o in scene.objects}
@@ -181,25 +187,27 @@ def judge_t2i(image, sample, world):
     """One generated image: strict and GenEval-rule verdicts (None: GenEval has no rule for
     full-scene captions), and the object counts of a full-scene caption's F1."""
     scene = synth.parse(image, world)
-    geneval = None if sample["geneval"] is None else synth.geneval_holds(sample["geneval"], scene.objects, world)
-    wanted = {(d["row"], d["col"]): (d["shape"], d["color"], d["size"]) for d in sample["describes"]
-              if "row" in d}
+    geneval = sample["geneval"] and synth.geneval_holds(sample["geneval"], scene.objects, world)
+    wanted = {(d["row"], d["col"]): (d["shape"], d["color"], d["size"])
+              for d in sample["describes"] if "row" in d}
     got = cell_map(scene)
     return {"strict": synth.holds_exactly(sample["describes"], scene) and geneval is not False,
             "geneval": geneval, "tp": sum(got.get(cell) == obj for cell, obj in wanted.items()),
             "pred": len(got), "truth": len(wanted)}
 
 
-def judge_edit(image, sample, world):
-    """One edited image against its sample's source and target (see the module docstring)."""
-    out, src, tgt = cell_map(synth.parse(image, world)), cell_map(sample["scene"]), cell_map(sample["target_scene"])
+def judge_edit(image, sample, world, scene=None):
+    """One edited image (parsed: `scene`) against its sample's source and target (see the module
+    docstring)."""
+    out = cell_map(scene or synth.parse(image, world))
+    src, tgt = cell_map(sample["scene"]), cell_map(sample["target_scene"])
     cells = [(r, c) for r in range(world.grid) for c in range(world.grid)]
     change = [x for x in cells if src.get(x) != tgt.get(x)]
     stay = [x for x in cells if src.get(x) == tgt.get(x)]
     followed = sum(out.get(x) == tgt.get(x) for x in change)
     kept = sum(out.get(x) == src.get(x) for x in stay)
     changed = sum(out.get(x) != src.get(x) for x in cells)
-    following = followed / len(change) if change else float(changed == 0)  # a no-op: was it left alone?
+    following = followed / len(change) if change else float(changed == 0)  # a no-op: left alone?
     preservation = kept / len(stay) if stay else 1.0
     mask = np.zeros((world.size, world.size), bool)  # the pixels of the should-stay cells
     for r, c in stay:
@@ -208,17 +216,18 @@ def judge_edit(image, sample, world):
     return {"success": all(out.get(x) == tgt.get(x) for x in cells), "following": following,
             "preservation": preservation, "overall": math.sqrt(following * preservation),
             "pixel_l1": float(diff[mask].mean()) if mask.any() else 0.0,
-            "should_change": len(change), "followed": followed, "should_stay": len(stay), "kept": kept}
+            "should_change": len(change), "followed": followed, "should_stay": len(stay),
+            "kept": kept}
 
 
-def self_consistent(image, sample, said, world):
-    """Does the output equal the edit implied by the answer `said` to the embedded question?
-    None where no answer decides the edit (location-referenced and quantified edits)."""
+def self_consistent(image, sample, said, world, scene=None):
+    """Does the output (parsed: `scene`) equal the edit implied by the answer `said` to the
+    embedded question? None where no answer decides the edit (location and quantified edits)."""
     e = sample["edit"]
     if e["if_answer"] is None and e["answer_sets"] is None:
         return None
     implied = synth.implied_target(sample, said, world)
-    return implied is not None and cell_map(synth.parse(image, world)) == cell_map(implied)
+    return implied is not None and cell_map(scene or synth.parse(image, world)) == cell_map(implied)
 
 
 # ----------------------------------------------------------------------------- chance rows
@@ -228,7 +237,8 @@ BASELINES = ("oracle", "blind", "source", "blank", "universal", "random")
 
 def question_kind(program):
     """What a question asks, for answers that ignore the image: "count", "query color", ..."""
-    return program[0] + (f" {program[1]}" if program[0] in ("query", "pos", "same", "equal") else "")
+    attr = program[0] in ("query", "pos", "same", "equal")
+    return program[0] + (f" {program[1]}" if attr else "")
 
 
 @lru_cache(maxsize=None)
@@ -321,7 +331,7 @@ class Baseline:
 # ----------------------------------------------------------------------------- the evaluation
 
 def eval_sets(world, split, n, n_t2i, n_edit):
-    """The samples to score: VQA, T2I prompts (the same number from each of the seven families) and edits."""
+    """The samples to score: VQA, T2I prompts (as many of each of the seven families) and edits."""
     mk = lambda task, i: synth.make_sample(world, task, split, i)
     per_family, prompts, quota, i = max(1, n_t2i // len(synth.T2I_FAMILIES)), [], Counter(), 0
     while len(prompts) < per_family * len(synth.T2I_FAMILIES):
@@ -345,8 +355,9 @@ def score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, s
     bar.update(len(vqa) + len(probes))
     if said is not None:
         for s, a in zip(vqa, said):
-            recs.append({"part": "vqa", "index": s["index"], "family": s["family"], "hops": s["hops"],
-                         "text": s["text"], "said": a, "truth": s["answer"], "correct": a == s["answer"]})
+            recs.append({"part": "vqa", "index": s["index"], "family": s["family"],
+                         "hops": s["hops"], "text": s["text"], "said": a, "truth": s["answer"],
+                         "correct": a == s["answer"]})
         said = said[len(vqa):]
 
     draws = [(s, k) for s in prompts for k in range(samples_per_prompt)]
@@ -358,10 +369,11 @@ def score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, s
             continue
         for (s, k), im in zip(part, images):
             j = judge_t2i(im, s, world)
-            recs.append({"part": "scene" if s["family"] == "scene" else "t2i", "index": s["index"], "k": k,
-                         "family": s["family"], **j})
+            recs.append({"part": "scene" if s["family"] == "scene" else "t2i",
+                         "index": s["index"], "k": k, "family": s["family"], **j})
             if k == 0 and len(gallery["t2i"]) < shown:
-                gallery["t2i"].append((s, im, f"strict {yes(j['strict'])}, GenEval {yes(j['geneval'])}"))
+                verdict = f"strict {yes(j['strict'])}, GenEval {yes(j['geneval'])}"
+                gallery["t2i"].append((s, im, verdict))
 
     for name, samples in (("simple", edits), ("intelligent", uniedits)):
         for i in range(0, len(samples), BATCH):
@@ -371,15 +383,17 @@ def score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, s
             if images is None:
                 continue
             for j, (s, im) in enumerate(zip(part, images)):
-                rec = {"part": name, "index": s["index"], "family": s["family"], "level": f"L{s['level']}",
-                       **judge_edit(im, s, world)}
+                scene = synth.parse(im, world)
+                rec = {"part": name, "index": s["index"], "family": s["family"],
+                       "level": f"L{s['level']}", **judge_edit(im, s, world, scene)}
                 verdict = f"success {yes(rec['success'])}, following {rec['following']:.2f}, " \
                           f"preservation {rec['preservation']:.2f}"
                 if name == "intelligent":
                     a = None if said is None else said[i + j]
                     rec["unseen"] = s["text"] not in seen
                     rec["probe_correct"] = None if a is None else a == s["probe"]["answer"]
-                    rec["self_consistent"] = None if a is None else self_consistent(im, s, a, world)
+                    rec["self_consistent"] = None if a is None else \
+                        self_consistent(im, s, a, world, scene)
                     if a is not None:
                         verdict += f"; probe: {a!r} ({s['probe']['answer']!r})"
                 recs.append(rec)
@@ -392,20 +406,21 @@ def yes(b):
     return "-" if b is None else "yes" if b else "no"
 
 
-def evaluate(model, tok, world, split="val", n=1000, n_t2i=112, samples_per_prompt=4, n_edit=500, seed=0,
-             device="cpu", sampling=None, rank=0, world_size=1, progress=True, seen=frozenset(), chance=True,
-             picture=None):
+def evaluate(model, tok, world, split="val", n=1000, n_t2i=168, samples_per_prompt=4, n_edit=250,
+             seed=0, device="cpu", sampling=None, rank=0, world_size=1, progress=True,
+             seen=frozenset(), chance=True, picture=None):
     """Score `model` (a UMM, or a Baseline with tok None) on `split` of `world`: understanding on n
     questions, generation on n_t2i prompts x samples_per_prompt images, editing on n_edit simple and
     n_edit intelligent edits. Under torchrun each rank takes every world_size-th sample and the
     records are gathered, so every rank returns the same dict (see summarize); `chance` adds the
     chance rows' headline numbers on the same sets; `picture`: a PNG path for a labelled picture
-    of the first outputs (rank 0). `seen`: instruction texts of a tuning set, left out of "unseen"."""
+    of the first outputs (rank 0). `seen`: a tuning set's instructions, left out of "unseen"."""
     sampling = sampling or Sampling()
     world = synth.get_world(world)
     sets = eval_sets(world, split, n, n_t2i, n_edit)
     counts = {"split": split, "seed": seed, "vqa": n, "t2i_prompts": len(sets[1]),
-              "samples_per_prompt": samples_per_prompt, "simple_edits": n_edit, "intelligent_edits": n_edit}
+              "samples_per_prompt": samples_per_prompt, "simple_edits": n_edit,
+              "intelligent_edits": n_edit}
     if isinstance(model, Baseline):
         say, make = model.answer, model.draw
     else:
@@ -423,7 +438,7 @@ def evaluate(model, tok, world, split="val", n=1000, n_t2i=112, samples_per_prom
         gathered = [None] * world_size
         dist.all_gather_object(gathered, recs)
         recs = [r for g in gathered for r in g]
-    recs.sort(key=lambda r: (r["part"], r["index"], r.get("k", 0)))  # one order, whatever the sharding
+    recs.sort(key=lambda r: (r["part"], r["index"], r.get("k", 0)))  # one order, however sharded
     out = {**summarize(recs, counts), "sampling": asdict(sampling)}
     if chance:
         out["chance"] = chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen)
@@ -435,16 +450,18 @@ def evaluate(model, tok, world, split="val", n=1000, n_t2i=112, samples_per_prom
 @lru_cache(maxsize=None)
 def chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen):
     """{baseline: {metric: value}} on the same sets (deterministic, so cached)."""
-    return {name: {k: v["value"] for k, v in evaluate(Baseline(name, world, seed), None, world, split, n, n_t2i,
-                                                        samples_per_prompt, n_edit, seed, progress=False,
-                                                        seen=seen, chance=False)["metrics"].items()}
-            for name in BASELINES}
+    rows = {}
+    for name in BASELINES:
+        r = evaluate(Baseline(name, world, seed), None, world, split, n, n_t2i, samples_per_prompt,
+                     n_edit, seed, progress=False, seen=seen, chance=False)
+        rows[name] = {k: v["value"] for k, v in r["metrics"].items()}
+    return rows
 
 
-# ----------------------------------------------------------------------------- metrics and intervals
-# Every headline metric is a statistic of one part's per-item columns, so the same definition gives
-# the value, its bootstrap interval (columns resampled over items: (RESAMPLES, n)) and --compare's
-# paired differences. A T2I item is a prompt (its images averaged), so its images resample together.
+# ----------------------------------------------------------------------------- metrics, intervals
+# Every headline metric is a statistic of one part's per-item columns, so one definition gives the
+# value, its bootstrap interval (columns resampled over items: (RESAMPLES, n)) and --compare's
+# paired differences. A T2I item is a prompt (its images averaged): its images resample together.
 
 def mean(x):
     return x.mean(-1)
@@ -455,25 +472,35 @@ def share(x, given):
     return (x * given).sum(-1) / given.sum(-1)
 
 
+def f1(c):
+    return 2 * c["tp"].sum(-1) / (c["pred"].sum(-1) + c["truth"].sum(-1))
+
+
+def decided(x):
+    """The share of True among the items where x is defined (not NaN)."""
+    return share(np.nan_to_num(x), ~np.isnan(x))
+
+
 METRICS = {  # key: (label, part, statistic of the part's columns)
     "vqa_acc": ("VQA accuracy", "vqa", lambda c: mean(c["correct"])),
-    "shapeeval": ("ShapeEval-strict: exactly the described objects", "t2i", lambda c: mean(c["strict"])),
+    "shapeeval": ("ShapeEval-strict: exactly the described objects", "t2i",
+                  lambda c: mean(c["strict"])),
     "shapeeval_geneval": ("ShapeEval, GenEval's rule", "t2i", lambda c: mean(c["geneval"])),
     "scene_exact": ("full-scene captions: exact scene", "scene", lambda c: mean(c["exact"])),
-    "scene_f1": ("full-scene captions: object F1", "scene",
-                 lambda c: 2 * c["tp"].sum(-1) / (c["pred"].sum(-1) + c["truth"].sum(-1))),
+    "scene_f1": ("full-scene captions: object F1", "scene", f1),
     **{f"{short}_{m}": (f"{part} edits: {m.replace('_', ' ')}", part, lambda c, m=m: mean(c[m]))
        for short, part in (("edit", "simple"), ("uniedit", "intelligent"))
        for m in ("success", "following", "preservation", "overall", "pixel_l1")},
     "uniedit_unseen_success": ("intelligent edits, unseen instructions: success", "intelligent",
                                lambda c: share(c["success"], c["unseen"])),
-    "probe_acc": ("intelligent edits: probe accuracy", "intelligent", lambda c: mean(c["probe_correct"])),
-    "edit_if_probe_right": ("P(edit right | probe right)", "intelligent",
+    "probe_acc": ("intelligent edits: probe accuracy", "intelligent",
+                  lambda c: mean(c["probe_correct"])),
+    "edit_if_probe_right": ("edit right when the probe is answered right", "intelligent",
                             lambda c: share(c["success"], c["probe_correct"])),
-    "edit_if_probe_wrong": ("P(edit right | probe wrong)", "intelligent",
+    "edit_if_probe_wrong": ("edit right when the probe is answered wrong", "intelligent",
                             lambda c: share(c["success"], 1 - c["probe_correct"])),
-    "self_consistency": ("self-consistency: output = edit implied by its own answer", "intelligent",
-                         lambda c: share(np.nan_to_num(c["self_consistent"]), ~np.isnan(c["self_consistent"]))),
+    "self_consistency": ("self-consistency: the edit its own answer implies", "intelligent",
+                         lambda c: decided(c["self_consistent"])),
 }
 HEADLINE = ("vqa_acc", "shapeeval", "shapeeval_geneval", "scene_f1", "edit_success", "edit_overall",
             "uniedit_success", "uniedit_overall", "self_consistency")  # train.py's log line
@@ -481,11 +508,13 @@ HEADLINE = ("vqa_acc", "shapeeval", "shapeeval_geneval", "scene_f1", "edit_succe
 
 def columns(items):
     """A part's item columns as float arrays (None -> NaN), shape (1, n)."""
-    return {k: np.array([np.nan if v is None else float(v) for v in vs])[None] for k, vs in items.items()}
+    return {k: np.array([np.nan if v is None else float(v) for v in vs])[None]
+            for k, vs in items.items()}
 
 
 def statistic(key, items, idx=None):
-    """METRICS[key] over a part's items, resampled by idx (B, n) if given: shape (B,), NaN if undefined."""
+    """METRICS[key] over a part's items, resampled by idx (B, n) if given: (B,), NaN where
+    undefined."""
     label, part, fn = METRICS[key]
     undefined = np.full(1 if idx is None else len(idx), np.nan)
     if not items.get(part, {}).get("index"):
@@ -496,7 +525,7 @@ def statistic(key, items, idx=None):
     with np.errstate(invalid="ignore", divide="ignore"):
         try:
             return fn(cols)
-        except KeyError:  # a column the part lacks: a baseline that edits but never answers the probe
+        except KeyError:  # a column the part lacks: a baseline that edits but never answers
             return undefined
 
 
@@ -513,7 +542,7 @@ def interval(key, items):
     idx = np.random.default_rng(0).integers(0, n, (RESAMPLES, n))
     reps = statistic(key, items, idx)
     reps = reps[np.isfinite(reps)]
-    return {"value": value, "ci": [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))]}
+    return {"value": value, "ci": [float(x) for x in np.percentile(reps, [2.5, 97.5])]}
 
 
 def item_table(recs, part, cols):
@@ -544,9 +573,9 @@ def summarize(recs, counts):
         "intelligent": item_table(recs, "intelligent", edit_cols + ("unseen",) + (
             ("probe_correct", "self_consistent") if answered else ())),
     }
-    items = {part: cols for part, cols in items.items() if cols["index"]}
-    items = {part: {k: [float(v) if isinstance(v, (bool, np.floating)) else v for v in vs] for k, vs in cols.items()}
-             for part, cols in items.items()}
+    plain = lambda v: float(v) if isinstance(v, (bool, np.floating)) else v  # JSON-able
+    items = {part: {k: [plain(v) for v in vs] for k, vs in cols.items()}
+             for part, cols in items.items() if cols["index"]}
 
     def by(rows, key, fields):
         groups = defaultdict(list)
@@ -560,12 +589,17 @@ def summarize(recs, counts):
     return {
         "counts": counts,
         "metrics": {k: interval(k, items) for k in METRICS},
-        "understanding": {"by_family": by(vqa, "family", ("correct",)), "by_hops": by(vqa, "hops", ("correct",)),
-                          "examples": [{k: r[k] for k in ("text", "said", "truth")} for r in vqa[:8]]},
+        "understanding": {"by_family": by(vqa, "family", ("correct",)),
+                          "by_hops": by(vqa, "hops", ("correct",)),
+                          "examples": [{k: r[k] for k in ("text", "said", "truth")}
+                                       for r in vqa[:8]]},
         "generation": {"by_category": by(geneval, "family", ("strict", "geneval"))},
-        "editing": {name: {"by_family": by(g, "family", edit_cols), "by_level": by(g, "level", edit_cols)}
-                    for name in ("simple", "intelligent") for g in [[r for r in recs if r["part"] == name]]},
-        "consistency": {f"probe {p} / edit {e}": table[pk, ek] for p, pk in (("right", True), ("wrong", False))
+        "editing": {name: {"by_family": by(g, "family", edit_cols),
+                           "by_level": by(g, "level", edit_cols)}
+                    for name in ("simple", "intelligent")
+                    for g in [[r for r in recs if r["part"] == name]]},
+        "consistency": {f"probe {p} / edit {e}": table[pk, ek]
+                        for p, pk in (("right", True), ("wrong", False))
                         for e, ek in (("right", True), ("wrong", False))} if answered else None,
         "items": items,
     }
@@ -585,32 +619,36 @@ def num(x):
 def to_markdown(r, title="nanoUMM eval"):
     c, m = r["counts"], r["metrics"]
     chance = r.get("chance", {})
+    sampling = ", ".join(f"{k} {v}" for k, v in r["sampling"].items())
     lines = [f"## {title}", "",
-             f"split {c['split']}, seed {c['seed']}; {c['vqa']} questions, {c['t2i_prompts']} prompts x "
-             f"{c['samples_per_prompt']} images, {c['simple_edits']} simple + {c['intelligent_edits']} intelligent "
-             "edits; sampling " + ", ".join(f"{k} {v}" for k, v in r["sampling"].items())
-             + "; 95% bootstrap intervals; chance rows on the same sets (eval.py --baseline NAME)", "",
+             f"split {c['split']}, seed {c['seed']}; {c['vqa']} questions, {c['t2i_prompts']} "
+             f"prompts x {c['samples_per_prompt']} images, {c['simple_edits']} simple + "
+             f"{c['intelligent_edits']} intelligent edits; sampling {sampling}; 95% bootstrap "
+             "intervals; chance rows on the same sets (eval.py --baseline NAME)", "",
              "| metric | value | 95% interval | " + " | ".join(chance) + " |",
              "| --- | --- | --- |" + " --- |" * len(chance)]
     for k, (label, _, _) in METRICS.items():
-        ci = m[k]["ci"]
-        lines.append(f"| {label} | {num(m[k]['value'])} | " + (f"{ci[0]:.3f} - {ci[1]:.3f}" if ci else "-")
-                     + " | " + " | ".join(num(row[k]) for row in chance.values()) + " |")
+        ci = f"{m[k]['ci'][0]:.3f} - {m[k]['ci'][1]:.3f}" if m[k]["ci"] else "-"
+        rows = " | ".join(num(row[k]) for row in chance.values())
+        lines.append(f"| {label} | {num(m[k]['value'])} | {ci} | {rows} |")
     u, g, e = r["understanding"], r["generation"], r["editing"]
     if u["by_family"]:
         lines += ["", "| VQA | n | accuracy |", "| --- | --- | --- |"]
         rows = list(u["by_family"].items()) + [(f"{k} hops", v) for k, v in u["by_hops"].items()]
         lines += [f"| {k} | {v['n']} | {num(v['correct'])} |" for k, v in rows]
     if g["by_category"]:
-        lines += ["", "| ShapeEval category | prompts | strict | GenEval's rule |", "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {v['n']} | {num(v['strict'])} | {num(v['geneval'])} |" for k, v in g["by_category"].items()]
+        lines += ["", "| ShapeEval category | prompts | strict | GenEval's rule |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v['n']} | {num(v['strict'])} | {num(v['geneval'])} |"
+                  for k, v in g["by_category"].items()]
     if e["simple"]["by_family"] or e["intelligent"]["by_family"]:
-        lines += ["", "| edits | group | n | success | following | preservation | overall | pixel L1 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        fields = ("success", "following", "preservation", "overall", "pixel_l1")
+        lines += ["", "| edits | group | n | success | following | preservation | overall | "
+                  "pixel L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name in ("simple", "intelligent"):
             groups = list(e[name]["by_family"].items()) + list(e[name]["by_level"].items())
-            lines += [f"| {name} | {k} | {v['n']} | " + " | ".join(num(v[f]) for f in
-                      ("success", "following", "preservation", "overall", "pixel_l1")) + " |" for k, v in groups]
+            lines += [f"| {name} | {k} | {v['n']} | " + " | ".join(num(v[f]) for f in fields) + " |"
+                      for k, v in groups]
     if r["consistency"]:
         t = r["consistency"]
         lines += ["", "| intelligent edits | edit right | edit wrong |", "| --- | --- | --- |"]
@@ -624,6 +662,7 @@ def to_markdown(r, title="nanoUMM eval"):
 
 SCALE = 2  # picture images are drawn at 2x (128 px for the 64 px worlds), nearest neighbour
 PER_ROW = 4  # samples side by side in a picture
+GAP, LINE = 6, 12  # px between images, and per line of text
 
 
 def draw_picture(gallery, path):
@@ -633,34 +672,38 @@ def draw_picture(gallery, path):
     went: {(part, k, label): (x, y)}, its top-left corner."""
     font = ImageFont.load_default()
     side = next(im for rows in gallery.values() for _, im, _ in rows).shape[0] * SCALE
-    gap, line = 6, 12
-    block_w = 3 * side + 2 * gap
-    chars = block_w // 6
+    block_w = 3 * side + 2 * GAP
+    chars = block_w // 6  # the default font is about 6 px per character
     bands, where = [], {}
-    for part, title in (("t2i", "T2I prompts"), ("simple", "simple edits"), ("intelligent", "intelligent edits")):
+    for part, title in (("t2i", "T2I prompts"), ("simple", "simple edits"),
+                        ("intelligent", "intelligent edits")):
         rows = gallery.get(part, [])
         if not rows:
             continue
         texts = [textwrap.wrap(s["text"], chars)[:5] + textwrap.wrap(v, chars) for s, _, v in rows]
-        block_h = line + side + gap + line * max(len(t) for t in texts)
-        sheet = Image.new("RGB", (PER_ROW * (block_w + 3 * gap) + gap,
-                                  2 * line + math.ceil(len(rows) / PER_ROW) * (block_h + 3 * gap)), (40, 40, 40))
+        block_h = LINE + side + GAP + LINE * max(len(t) for t in texts)
+        height = 2 * LINE + math.ceil(len(rows) / PER_ROW) * (block_h + 3 * GAP)
+        sheet = Image.new("RGB", (PER_ROW * (block_w + 3 * GAP) + GAP, height), (40, 40, 40))
         pen = ImageDraw.Draw(sheet)
-        pen.text((gap, gap), title, fill=(255, 255, 255), font=font)
+        pen.text((GAP, GAP), title, fill=(255, 255, 255), font=font)
+        top = sum(b.height for b in bands)  # of this band in the picture
         for k, ((s, im, _), text) in enumerate(zip(rows, texts)):
-            x = gap + (k % PER_ROW) * (block_w + 3 * gap)
-            y = 2 * line + (k // PER_ROW) * (block_h + 3 * gap)
+            x = GAP + (k % PER_ROW) * (block_w + 3 * GAP)
+            y = 2 * LINE + (k // PER_ROW) * (block_h + 3 * GAP)
             cols = [("output", im), ("an example", s["target"])] if part == "t2i" else \
                 [("source", s["image"]), ("output", im), ("target", s["target"])]
             for j, (label, image) in enumerate(cols):
-                xj = x + j * (side + gap)
+                xj = x + j * (side + GAP)
+                big = Image.fromarray(np.asarray(image)).resize((side, side), Image.NEAREST)
                 pen.text((xj, y), label, fill=(200, 200, 200), font=font)
-                pen.rectangle([xj - 1, y + line - 1, xj + side, y + line + side], outline=(120, 120, 120))
-                sheet.paste(Image.fromarray(np.asarray(image)).resize((side, side), Image.NEAREST), (xj, y + line))
-                where[part, k, label] = (xj, y + line + sum(b.height for b in bands))
-            pen.multiline_text((x, y + line + side + gap), "\n".join(text), fill=(230, 230, 230), font=font)
+                frame = [xj - 1, y + LINE - 1, xj + side, y + LINE + side]
+                pen.rectangle(frame, outline=(120, 120, 120))
+                sheet.paste(big, (xj, y + LINE))
+                where[part, k, label] = (xj, top + y + LINE)
+            pen.multiline_text((x, y + LINE + side + GAP), "\n".join(text), fill=(230, 230, 230),
+                               font=font)
         bands.append(sheet)
-    picture = Image.new("RGB", (max(b.width for b in bands), sum(b.height for b in bands)), (40, 40, 40))
+    picture = Image.new("RGB", (max(b.width for b in bands), sum(b.height for b in bands)))
     for k, band in enumerate(bands):
         picture.paste(band, (0, sum(b.height for b in bands[:k])))
     save_atomic(path, lambda f: picture.save(f, format="PNG"))
@@ -684,14 +727,16 @@ def save_atomic(path, write):
 
 def tuning_texts(folder):
     """The instruction texts of a dataset folder's train split."""
-    ds = synth.Dataset(folder)  # checks the folder: a clear error if it is not a complete synth.py dataset
+    ds = synth.Dataset(folder)  # a clear error if it is not a complete synth.py dataset
     return frozenset(r["text"] for r in ds.records() if r["split"] == "train")
 
 
 # (column, split, metric) of the comparison table, the shape of the Uni-Edit paper's
 COLUMNS = [("VQA acc val", "val", "vqa_acc"), ("VQA acc test_ood", "test_ood", "vqa_acc"),
-           ("ShapeEval-strict val", "val", "shapeeval"), ("ShapeEval GenEval-rule val", "val", "shapeeval_geneval"),
-           ("simple-edit success val", "val", "edit_success"), ("simple-edit overall val", "val", "edit_overall"),
+           ("ShapeEval-strict val", "val", "shapeeval"),
+           ("ShapeEval GenEval-rule val", "val", "shapeeval_geneval"),
+           ("simple-edit success val", "val", "edit_success"),
+           ("simple-edit overall val", "val", "edit_overall"),
            ("intelligent-edit success val", "val", "uniedit_success"),
            ("intelligent-edit overall val", "val", "uniedit_overall"),
            ("intelligent-edit success test_ood", "test_ood", "uniedit_success"),
@@ -707,22 +752,24 @@ def read_result(path):
         with open(path) as f:
             r = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-run eval.py --out {path}") from None
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-run eval.py "
+                         f"--out {path}") from None
     for key in ("counts", "metrics", "items"):
         if not isinstance(r, dict) or key not in r:
-            raise ValueError(f"{path} has no {key!r}: not an eval.json of this eval.py (re-run eval.py --out {path})")
+            raise ValueError(f"{path} has no {key!r}: not an eval.json of this eval.py (re-run "
+                             f"eval.py --out {path})")
     return r
 
 
 def compare(folder, rows):
-    """Markdown: mean ± std over seeds of folder/<row>_s<seed>/eval_<split>.json for each row, the chance
-    rows of the same sets, and each row's paired bootstrap difference from the first."""
+    """Markdown: mean ± std over seeds of folder/<row>_s<seed>/eval_<split>.json for each row, the
+    chance rows of the same sets, and each row's paired bootstrap difference from the first."""
     if not os.path.isdir(folder):
         raise ValueError(f"--compare folder {folder} does not exist")
     runs, results = {}, {}
     for row in rows:
-        runs[row] = [d for d in sorted(os.listdir(folder))
-                     if d.rpartition("_s")[0] == row and d.rpartition("_s")[2].isdigit()]  # <row>_s<seed>
+        seeded = [d.rpartition("_s") for d in sorted(os.listdir(folder))]  # <row>_s<seed>
+        runs[row] = [f"{r}_s{seed}" for r, _, seed in seeded if r == row and seed.isdigit()]
         if not runs[row]:
             raise ValueError(f"no {row}_s<seed> folders in {folder}")
         for run in runs[row]:
@@ -730,9 +777,10 @@ def compare(folder, rows):
                 results[run, split] = read_result(os.path.join(folder, run, f"eval_{split}.json"))
     first = runs[rows[0]][0]
     for (run, split), r in results.items():  # paired differences need the very same items
-        if r["counts"] | {"seed": 0} != results[first, split]["counts"] | {"seed": 0}:
-            raise ValueError(f"{folder}/{run}/eval_{split}.json was scored on other sets than {folder}/{first}: "
-                             f"{r['counts']} vs {results[first, split]['counts']}")
+        same = results[first, split]["counts"]
+        if r["counts"] | {"seed": 0} != same | {"seed": 0}:
+            raise ValueError(f"{folder}/{run}/eval_{split}.json was scored on other sets than "
+                             f"{folder}/{first}: {r['counts']} vs {same}")
     head = "| model | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |"
     rule = "|---" * (len(COLUMNS) + 2) + "|"
     lines = [head, rule]
@@ -745,20 +793,22 @@ def compare(folder, rows):
             cells.append(f"{np.mean(vals):.3f}{sd}" if vals else "-")
         lines.append(f"| {row} | {len(runs[row])} | " + " | ".join(cells) + " |")
     for name in results[first, "val"].get("chance", {}):
-        cells = [num(results[first, split].get("chance", {}).get(name, {}).get(key)) for _, split, key in COLUMNS]
+        cells = [num(results[first, split].get("chance", {}).get(name, {}).get(key))
+                 for _, split, key in COLUMNS]
         lines.append(f"| chance: {name} | - | " + " | ".join(cells) + " |")
     if len(rows) > 1:
-        lines += ["", f"Difference from {rows[0]}, paired bootstrap 95% interval over the same items and seeds "
-                  "(* : excludes 0):", "", head, rule]
+        lines += ["", f"Difference from {rows[0]}, paired bootstrap 95% interval over the same "
+                  "items and seeds (* : excludes 0):", "", head, rule]
         for row in rows[1:]:
-            cells = [paired_difference(results, runs[rows[0]], runs[row], split, key) for _, split, key in COLUMNS]
+            cells = [paired_difference(results, runs[rows[0]], runs[row], split, key)
+                     for _, split, key in COLUMNS]
             lines.append(f"| {row} | {len(runs[row])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def paired_difference(results, runs_a, runs_b, split, key):
-    """'+d [lo, hi]' for mean over b's seeds minus mean over a's: items resampled the same for every
-    run, seeds resampled together when both rows have the same seeds (else each row's own)."""
+    """'+d [lo, hi]' for mean over b's seeds minus mean over a's: items resampled the same for
+    every run, seeds resampled together when both rows have the same seeds (else each row's own)."""
     part = METRICS[key][1]
     n = len(results[runs_a[0], split]["items"].get(part, {}).get("index", []))
     if n == 0:
@@ -766,12 +816,13 @@ def paired_difference(results, runs_a, runs_b, split, key):
     rng = np.random.default_rng(0)
     idx = rng.integers(0, n, (RESAMPLES, n))
     seeds = lambda runs: [r.rpartition("_s")[2] for r in runs]
-    paired = seeds(runs_a) == seeds(runs_b)
     sa = rng.integers(0, len(runs_a), (RESAMPLES, len(runs_a)))
-    sb = sa if paired else rng.integers(0, len(runs_b), (RESAMPLES, len(runs_b)))
+    sb = rng.integers(0, len(runs_b), (RESAMPLES, len(runs_b)))
+    if seeds(runs_a) == seeds(runs_b):  # the same seeds: resample them together, paired
+        sb = sa
 
-    def row(runs, s):
-        per_run = np.stack([statistic(key, results[r, split]["items"], idx) for r in runs])  # (seeds, B)
+    def row(runs, s):  # (point value, (RESAMPLES,) resampled values) of a row's mean over seeds
+        per_run = np.stack([statistic(key, results[r, split]["items"], idx) for r in runs])
         point = np.mean([statistic(key, results[r, split]["items"])[0] for r in runs])
         return point, per_run[s, np.arange(RESAMPLES)[:, None]].mean(1)
     (pa, ra), (pb, rb) = row(runs_a, sa), row(runs_b, sb)
@@ -786,23 +837,27 @@ def paired_difference(results, runs_a, runs_b, split, key):
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a nanoUMM checkpoint (see the module docstring).")
+    p = argparse.ArgumentParser(description="Score a nanoUMM checkpoint (see the docstring).")
     p.add_argument("--ckpt", help="a step_NNNNNN folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--baseline", help=f"instead of a checkpoint, a chance row: one of {', '.join(BASELINES)}")
+    p.add_argument("--baseline", help="instead of a checkpoint, a chance row: one of "
+                   + ", ".join(BASELINES))
     p.add_argument("--world", default="tiny", help="--baseline's world")
-    p.add_argument("--compare", metavar="FOLDER", help="instead of scoring: print the table, mean ± std over "
-                   "seeds, of FOLDER/<row>_s<seed>/eval_{val,test_ood}.json for each of --rows")
-    p.add_argument("--rows", default="base,simple_edit,mixed,uniedit", help="--compare's rows, comma-separated")
+    p.add_argument("--compare", metavar="FOLDER", help="instead of scoring: print the table, "
+                   "mean ± std over seeds, of FOLDER/<row>_s<seed>/eval_{val,test_ood}.json "
+                   "for --rows")
+    p.add_argument("--rows", default="base,simple_edit,mixed,uniedit",
+                   help="--compare's rows, comma-separated")
     p.add_argument("--weights", default="ema", help="ema (default) or model (the raw weights)")
     p.add_argument("--split", default="val", choices=("val", "test", "test_ood", "train"))
     p.add_argument("--n", type=int, default=1000, help="VQA questions")
-    p.add_argument("--n_t2i", type=int, default=112, help="T2I prompts, split evenly over the 7 families")
+    p.add_argument("--n_t2i", type=int, default=168, help="T2I prompts, as many per family (7)")
     p.add_argument("--samples_per_prompt", type=int, default=4)
-    p.add_argument("--n_edit", type=int, default=500, help="simple edits, and as many intelligent edits")
+    p.add_argument("--n_edit", type=int, default=250, help="simple edits, as many intelligent ones")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
-    p.add_argument("--unseen_from", default="", help="a synth.py dataset folder (the tuning set): intelligent "
-                                                     "edits whose instruction is in its train split are not unseen")
-    p.add_argument("--out", help="results JSON (eval.md and eval.png beside it); default in the checkpoint folder")
+    p.add_argument("--unseen_from", default="", help="a synth.py dataset folder (the tuning set): "
+                   "intelligent edits whose instruction is in its train split are not unseen")
+    p.add_argument("--out", help="results JSON (eval.md and eval.png beside it); default in the "
+                   "checkpoint folder, or out/chance/NAME/ for --baseline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for k, v in asdict(Sampling()).items():
         p.add_argument(f"--{k}", type=type(v), default=v)
@@ -814,7 +869,8 @@ def main(argv=None):
         if (a.ckpt is None) == (a.baseline is None):
             raise ValueError("pass --ckpt CHECKPOINT or --baseline NAME (or --compare FOLDER)")
         if a.baseline is not None and a.baseline not in BASELINES:
-            raise ValueError(f"unknown --baseline {a.baseline!r}: choose one of {', '.join(BASELINES)}")
+            raise ValueError(f"unknown --baseline {a.baseline!r}: choose one of "
+                             f"{', '.join(BASELINES)}")
         for k in ("n", "n_t2i", "samples_per_prompt", "n_edit"):
             if getattr(a, k) < 1:
                 raise ValueError(f"--{k} must be at least 1, got {getattr(a, k)}")
@@ -823,7 +879,8 @@ def main(argv=None):
         name = "eval.json" if a.split == "val" else f"eval_{a.split}.json"
         if a.baseline:
             world = synth.get_world(a.world)
-            model, tok, ckpt, step = Baseline(a.baseline, world, a.seed), None, f"baseline {a.baseline}", None
+            model, tok, step = Baseline(a.baseline, world, a.seed), None, None
+            ckpt = f"baseline {a.baseline}"
             out = a.out or os.path.join("out", "chance", a.baseline, name)
         else:
             model, tok, world, ckpt, meta = load(a.ckpt, a.weights, a.device)
@@ -832,18 +889,19 @@ def main(argv=None):
         stem = os.path.splitext(out)[0]
         for path in (out, stem + ".md", stem + ".png"):  # before any compute, not after it
             synth.check_writable(path, "results file")
-        r = evaluate(model, tok, world, a.split, a.n, a.n_t2i, a.samples_per_prompt, a.n_edit, a.seed, a.device,
-                     sampling, seen=seen, picture=stem + ".png")
+        r = evaluate(model, tok, world, a.split, a.n, a.n_t2i, a.samples_per_prompt, a.n_edit,
+                     a.seed, a.device, sampling, seen=seen, picture=stem + ".png")
     except ValueError as e:
         sys.exit(f"error: {e}")
     r = {"checkpoint": ckpt, "step": step, "weights": None if a.baseline else a.weights,
          "unseen_from": a.unseen_from, **r}
-    what = f"{ckpt} (step {step}, {a.weights} weights)" if not a.baseline else ckpt
+    what = ckpt if a.baseline else f"{ckpt} (step {step}, {a.weights} weights)"
     md = to_markdown(r, f"nanoUMM eval: {what}")
     save_atomic(out, lambda f: f.write(json.dumps(r, indent=1).encode()))
     save_atomic(stem + ".md", lambda f: f.write(md.encode()))
     print(md)
-    print(f"wrote {out}, {stem}.md and {stem}.png")
+    drew = any(part in r["items"] for part in ("t2i", "scene", "simple", "intelligent"))
+    print(f"wrote {out} and {stem}.md" + (f" and {stem}.png" if drew else ""))
 
 
 if __name__ == "__main__":

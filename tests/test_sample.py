@@ -87,9 +87,10 @@ def test_bad_input_gets_one_line_errors(ckpt, tmp_path, png):
     (bad / "tokenizer.json").write_text("{not json")
     assert "tokenizer.json is missing or corrupt" in error("--prompt", "A circle.", ck=str(bad))
     big = tmp_path / "big.png"
-    Image.fromarray(np.zeros((64, 48, 3), np.uint8)).save(big)
+    Image.fromarray(np.zeros((W.size, 48, 3), np.uint8)).save(big)
     q = "What color is the circle?"
-    assert "is 48x64 px, the model needs 32x32: pass --resize" in error("--image", str(big), "--question", q)
+    assert f"is 48x{W.size} px, the model needs {W.size}x{W.size}: pass --resize" in error("--image", str(big),
+                                                                                         "--question", q)
     run(ckpt, tmp_path, "--image", str(big), "--resize", "--question", q)  # scaled, then answered
     assert "cannot read image" in error("--image", str(tmp_path / "missing.png"), "--question", "Is there a circle?")
     assert "word 'colour' is outside the model's vocabulary" in error("--image", png, "--question", "What colour is it?")
