@@ -406,7 +406,7 @@ def yes(b):
     return "-" if b is None else "yes" if b else "no"
 
 
-def evaluate(model, tok, world, split="val", n=1000, n_t2i=168, samples_per_prompt=4, n_edit=250,
+def evaluate(model, tok, world, split="val", n=1000, n_t2i=112, samples_per_prompt=4, n_edit=250,
              seed=0, device="cpu", sampling=None, rank=0, world_size=1, progress=True,
              seen=frozenset(), chance=True, picture=None):
     """Score `model` (a UMM, or a Baseline with tok None) on `split` of `world`: understanding on n
@@ -850,7 +850,7 @@ def main(argv=None):
     p.add_argument("--weights", default="ema", help="ema (default) or model (the raw weights)")
     p.add_argument("--split", default="val", choices=("val", "test", "test_ood", "train"))
     p.add_argument("--n", type=int, default=1000, help="VQA questions")
-    p.add_argument("--n_t2i", type=int, default=168, help="T2I prompts, as many per family (7)")
+    p.add_argument("--n_t2i", type=int, default=112, help="T2I prompts, as many per family (7)")
     p.add_argument("--samples_per_prompt", type=int, default=4)
     p.add_argument("--n_edit", type=int, default=250, help="simple edits, as many intelligent ones")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")

@@ -194,8 +194,9 @@ def parse(image, world="default"):
     if img.shape != (w.size, w.size, 3):
         raise ValueError(f"parse: image has shape {img.shape}, world {w.name!r} needs "
                          f"({w.size}, {w.size}, 3)")
-    x = img.astype(np.float32).reshape(-1, 1, 3)
-    d2 = ((x - _PAL[None]) ** 2).sum(-1)  # (H*W, 9)
+    x = img.astype(np.float32).reshape(-1, 3)
+    # squared distance to each palette color, |x|^2 - 2 x.p + |p|^2: exact, all terms are integers
+    d2 = (x * x).sum(1, keepdims=True) - 2 * x @ _PAL.T + (_PAL * _PAL).sum(1)  # (H*W, 9)
     near = d2.argmin(1).reshape(w.size, w.size)
     black = np.sqrt(d2[:, 0]).reshape(w.size, w.size)  # each pixel's distance from black
     around = sum(shifted(black, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
