@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 2  # 2: 64 px tiny world, new templates (issue 19): datasets and checkpoints of 1 are refused
+VERSION = 2  # 2: the 64 px tiny world and new templates; datasets of version 1 are refused
 TASKS = ("vqa", "t2i", "edit", "uniedit")
 SPLITS = ("train", "val", "test", "test_ood")
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[BOI]", "[EOI]", "[SEP]", "[UNK]")
@@ -172,15 +172,16 @@ _PAL = np.array([(0, 0, 0)] + list(PALETTE.values()), np.float32)  # index 0 is 
 _PAL_NAMES = [None] + list(PALETTE)
 
 # The parser's gates. A cell reads as an object only when every gate passes, else it is malformed.
-INK = 64.0  # a pixel is ink (something is drawn there) when it and the mean of its 3x3 neighbourhood
-# are this far from black: a quarter of a primary's brightness; the mean ignores isolated noise
+INK = 64.0  # a pixel is ink (something is drawn there) when it and the mean of its 3x3
+# neighbourhood are this far from black: a quarter of a primary's brightness; the mean ignores
+# isolated noise
 COLOR_GATE = 60.0  # the object's mean color lies this close to its palette color; a palette color
 # dimmed by any factor or brightened up to 1.4x stays >= 89 from every other one, so noise has ~30
 AGREE = 0.8  # share of the object's pixels whose nearest palette color is the majority's
 SHAPE_GATE = 0.12  # Jaccard distance (share of the union's pixels that differ) to the best template
 SHAPE_WIN = 0.05  # ... and the best other (shape, size) must be this much farther
 # So a reading is never wrong for a drawing within TEMPLATE_MARGIN - SHAPE_GATE = 0.13 of its
-# template: the triangle inequality of the Jaccard distance puts every other template beyond the gate.
+# template: the triangle inequality of the Jaccard distance puts every other one beyond the gate.
 
 
 def parse(image, world="default"):
@@ -271,7 +272,8 @@ def template_distance(a, b):
 #   reference  ["the", desc] | ["rel", "left"|"right"|"above"|"below", ref] | ["near", ref]
 #              | ["far", ref] | ["most", "left"|"right"|"top"|"bottom"]      -> exactly one object
 #   set        ["all", desc] | ["or", desc, desc] | ["and", desc, desc]
-#   question   ["query", attr, ref] | ["exist", desc] | ["count", set] | ["pos", "row"|"column", ref]
+#   question   ["query", attr, ref] | ["exist", desc] | ["count", set]
+#              | ["pos", "row"|"column", ref]
 #              | ["same", attr, ref] | ["compare", "more"|"fewer"|"equal", set, set]
 #              | ["equal", attr, ref, ref]                                  -> a one-word answer
 
@@ -353,7 +355,8 @@ def plural(word):
 def noun(desc, many=False):
     """{"size": "small", "color": "red"} -> "small red object" (or "objects")."""
     head = desc.get("shape", "object")
-    return " ".join([desc[k] for k in ("size", "color") if k in desc] + [plural(head) if many else head])
+    words = [desc[k] for k in ("size", "color") if k in desc]
+    return " ".join(words + [plural(head) if many else head])
 
 
 def a_(phrase):
@@ -417,9 +420,10 @@ def allowed(o, w, split):
 
 
 def rand_obj(rng, w, split, cell, **fixed):
-    """A random object in `cell` with some attributes fixed, never a held-out combo outside test_ood."""
+    """A random object in `cell`, some attributes fixed, never a held-out combo outside test_ood."""
     for _ in range(50):
-        o = Obj(fixed.get("shape") or rng.choice(w.shapes), fixed.get("color") or rng.choice(w.colors),
+        o = Obj(fixed.get("shape") or rng.choice(w.shapes),
+                fixed.get("color") or rng.choice(w.colors),
                 fixed.get("size") or rng.choice(w.sizes), *cell)
         if allowed(o, w, split):
             return o
@@ -461,13 +465,14 @@ def make_ref(rng, objs, t, hops, avoid=()):
     if hops == 0:
         d = describe(t, objs, rng, avoid)
         return d and ["the", d]
-    cands = [(kind, a) for a in objs if a != t for kind in ("left", "right", "above", "below", "near", "far")]
+    kinds = ("left", "right", "above", "below", "near", "far")
+    cands = [(kind, a) for a in objs if a != t for kind in kinds]
     rng.shuffle(cands)
     for kind, a in cands:
         if kind in STEP and (a.row + STEP[kind][0], a.col + STEP[kind][1]) != (t.row, t.col):
             continue
         inner = make_ref(rng, objs, a, hops - 1)
-        if inner is None or t in chain(inner, objs):  # never "the object next to the object next to t"
+        if inner is None or t in chain(inner, objs):  # never "the object next to the one next to t"
             continue
         ref = ["rel", kind, inner] if kind in STEP else [kind, inner]
         try:
@@ -538,7 +543,8 @@ def vqa_extreme(rng, w, split):
 
 
 def rand_desc(rng, w, n_attrs):
-    return {k: rng.choice(values(w, k)) for k in sorted(rng.sample(ATTRS, n_attrs), key=ATTRS.index)}
+    keys = sorted(rng.sample(ATTRS, n_attrs), key=ATTRS.index)
+    return {k: rng.choice(values(w, k)) for k in keys}
 
 
 def fill(rng, w, split, objs, n, avoid):
@@ -576,7 +582,8 @@ def vqa_exist(rng, w, split):
 
     def build():
         d = rand_desc(rng, w, rng.choice((2, 2, 3)))
-        objs = fill(rng, w, split, place(rng, w, split, int(yes), d), rng.randint(1, max_objects(w, split) - 1), [d])
+        objs = fill(rng, w, split, place(rng, w, split, int(yes), d),
+                    rng.randint(1, max_objects(w, split) - 1), [d])
         return objs, ["exist", d], 0
     return _retry(build)
 
@@ -614,13 +621,17 @@ def two_descs(rng, w, same_attr):
     """Two single-attribute descs: over one attribute (disjoint sets) or two (overlapping)."""
     a1 = rng.choice(ATTRS if same_attr else ("color", "size"))
     a2 = a1 if same_attr else ("size" if a1 == "color" else "color")
-    v1, v2 = rng.sample(values(w, a1), 2) if same_attr else (rng.choice(values(w, a1)), rng.choice(values(w, a2)))
+    if same_attr:
+        v1, v2 = rng.sample(values(w, a1), 2)
+    else:
+        v1, v2 = rng.choice(values(w, a1)), rng.choice(values(w, a2))
     return {a1: v1}, {a2: v2}
 
 
 def vqa_compare(rng, w, split):
     op, yes = rng.choice(("more", "fewer", "equal")), rng.random() < 0.5
-    truth = {"more": lambda a, b: a > b, "fewer": lambda a, b: a < b, "equal": lambda a, b: a == b}[op]
+    truth = {"more": lambda a, b: a > b, "fewer": lambda a, b: a < b,
+             "equal": lambda a, b: a == b}[op]
     pairs = [(a, b) for a in range(4) for b in range(4) if 0 < a + b <= 4 and truth(a, b) == yes]
 
     def build():
@@ -638,9 +649,11 @@ def vqa_equal(rng, w, split):
     def build():
         objs = rand_scene(rng, w, split, lo=2)
         t1, t2 = rng.sample(objs, 2)
-        v = getattr(t1, attr) if yes else rng.choice([x for x in values(w, attr) if x != getattr(t1, attr)])
+        others = [x for x in values(w, attr) if x != getattr(t1, attr)]
+        v = getattr(t1, attr) if yes else rng.choice(others)
         objs[objs.index(t2)] = t2 = t2._replace(**{attr: v})
-        r1, r2 = make_ref(rng, objs, t1, 0, avoid=(attr,)), make_ref(rng, objs, t2, 0, avoid=(attr,))
+        r1 = make_ref(rng, objs, t1, 0, avoid=(attr,))
+        r2 = make_ref(rng, objs, t2, 0, avoid=(attr,))
         if r1 is None or r2 is None or not allowed(t2, w, split):
             raise Invalid
         return objs, ["equal", attr, r1, r2], 0
@@ -709,7 +722,8 @@ def box(o, w):
     """An object's bounding box in the image, (x0, y0, x1, y1) with x1, y1 exclusive."""
     ys, xs = np.nonzero(templates(w)[o.shape, o.size])
     c = w.cell
-    return o.col * c + xs.min(), o.row * c + ys.min(), o.col * c + xs.max() + 1, o.row * c + ys.max() + 1
+    x0, y0 = o.col * c + xs.min(), o.row * c + ys.min()
+    return x0, y0, o.col * c + xs.max() + 1, o.row * c + ys.max() + 1
 
 
 def relations(a, b, w):
@@ -746,7 +760,8 @@ def geneval_holds(geneval, objs, w):
             ok = sum(o.color == req["color"] for o in top) >= req["count"]
         if ok and "position" in req:
             rel, i = req["position"]
-            ok = found[i] is not None and all(rel in relations(o, t, w) for o in top for t in found[i])
+            ok = found[i] is not None and all(rel in relations(o, t, w)
+                                              for o in top for t in found[i])
         found.append(top if ok else None)
         right &= ok
     return right and all(sum(o.shape == req["shape"] for o in objs) < req["count"]
@@ -778,7 +793,8 @@ def t2i_family(rng, w, split, family):
         n = rng.randint(2, 4)
         d = [{"shape": shapes[0]}] * n
         text = f"{n} {plural(shapes[0])}"
-        include, exclude = [{"shape": shapes[0], "count": n}], [{"shape": shapes[0], "count": n + 1}]
+        include = [{"shape": shapes[0], "count": n}]
+        exclude = [{"shape": shapes[0], "count": n + 1}]
     elif family == "colors":
         d = [{"shape": shapes[0], "color": rng.choice(w.colors)}]
         text, include, exclude = a_(noun(d[0])), [one(d[0], color=d[0]["color"])], []
@@ -828,6 +844,7 @@ T2I_FAMILIES = ("single_object", "two_object", "counting", "colors", "position",
 #   {"op": "move", "cells": [[r, c]], "to": [r, c]}     {"op": "swap", "cells": [[r, c], [r, c]]}
 
 CHANGE = {"recolor": "color", "reshape": "shape", "resize": "size"}
+IN_PLACE = ("recolor", "reshape", "resize", "remove")  # every action but a move
 
 
 def apply_atoms(objs, atoms):
@@ -845,7 +862,8 @@ def apply_atoms(objs, atoms):
             cur[to] = cur.pop(cells[0])._replace(row=to[0], col=to[1])
         elif at["op"] == "swap":
             (ra, ca), (rb, cb) = cells
-            cur[ra, ca], cur[rb, cb] = cur[rb, cb]._replace(row=ra, col=ca), cur[ra, ca]._replace(row=rb, col=cb)
+            a, b = cur[ra, ca], cur[rb, cb]
+            cur[ra, ca], cur[rb, cb] = b._replace(row=ra, col=ca), a._replace(row=rb, col=cb)
         else:
             for cell in cells:
                 cur[cell] = cur[cell]._replace(**{CHANGE[at["op"]]: at["value"]})
@@ -874,7 +892,7 @@ def fixed(atoms):
 
 
 def action(rng, w, objs, targets, ops=("recolor", "reshape", "resize", "remove", "move"), it=None):
-    """A visible change to `targets`: (atom, verb phrase naming them `it`, by default "it"/"them")."""
+    """A visible change to `targets`: (atom, verb phrase naming them `it`, else "it"/"them")."""
     many = len(targets) > 1 and it is None
     it = it or ("them" if many else "it")
     op = rng.choice([o for o in ops if o != "move" or not many])
@@ -919,8 +937,8 @@ def simple_edit(rng, w, split, family):
 
 def gen_edit(rng, w, split, family):
     objs, atoms, text = _retry(lambda: simple_edit(rng, w, split, family))
-    return dict(scene=objs, target_scene=apply_atoms(objs, atoms), text=text[0].upper() + text[1:] + ".",
-                edit=fixed(atoms), level=0)
+    return dict(scene=objs, target_scene=apply_atoms(objs, atoms),
+                text=text[0].upper() + text[1:] + ".", edit=fixed(atoms), level=0)
 
 
 EDIT_FAMILIES = ("add", "remove", "recolor", "resize", "reshape", "move", "swap")
@@ -953,8 +971,8 @@ def ie_conditional(rng, w, split):
         raise Invalid
     v, branch = condition(rng, w, q, getattr(t, q))
     atom, act = action(rng, w, objs, [t])
-    text = f"identify the {q} of {ref_text(ref)}. If it is {a_(v) if q == 'shape' else v}, {act}; " \
-           f"otherwise leave it unchanged"
+    text = f"identify the {q} of {ref_text(ref)}. If it is {a_(v) if q == 'shape' else v}, " \
+           f"{act}; otherwise leave it unchanged"
     return objs, text, ["query", q, ref], 1 + hops, branches(branch, v, [atom], [])
 
 
@@ -977,13 +995,17 @@ def ie_synthesis(rng, w, split):
 def ie_count(rng, w, split):
     d = rand_desc(rng, w, rng.choice((1, 1, 2)))
     k = rng.randint(1, 3)
-    objs = fill(rng, w, split, place(rng, w, split, k, d), rng.randint(0, max_objects(w, split) - k), [d])
+    objs = fill(rng, w, split, place(rng, w, split, k, d),
+                rng.randint(0, max_objects(w, split) - k), [d])
     probe = ["count", ["all", d]]
     if rng.random() < 0.5:  # conditional: act on the counted objects if the count is right
-        n, branch = (k, True) if rng.random() < P_TRUE else (rng.choice([x for x in range(1, 5) if x != k]), False)
-        atom, act = action(rng, w, objs, members(["all", d], objs), ops=("recolor", "reshape", "resize", "remove"))
-        text = f"count the {noun(d, many=True)}. If there are exactly {n}, {act}; otherwise leave the " \
-               f"scene unchanged"
+        if rng.random() < P_TRUE:
+            n, branch = k, True
+        else:
+            n, branch = rng.choice([x for x in range(1, 5) if x != k]), False
+        atom, act = action(rng, w, objs, members(["all", d], objs), ops=IN_PLACE)
+        text = f"count the {noun(d, many=True)}. If there are exactly {n}, {act}; otherwise " \
+               f"leave the scene unchanged"
         return objs, text, probe, 1, branches(branch, str(n), [atom], [])
     free = empty_cells(w, objs)
     new = rand_obj(rng, w, split, (0, 0))
@@ -1013,14 +1035,15 @@ def ie_location(rng, w, split):
 
 def quantified(rng, w, objs, s, what):
     """An action on every member of set `s`, phrased with `what` ("every circle")."""
-    return action(rng, w, objs, members(s, objs), ops=("recolor", "reshape", "resize", "remove"), it=what)
+    return action(rng, w, objs, members(s, objs), ops=IN_PLACE, it=what)
 
 
 def ie_nested(rng, w, split):
     if rng.random() < 0.5:  # if/else over a comparison: both branches act
         dA, dB = two_descs(rng, w, same_attr=True)
         a, b = rng.randint(1, 2), rng.randint(1, 2)
-        objs = fill(rng, w, split, place(rng, w, split, b, dB, place(rng, w, split, a, dA)), rng.randint(0, 1), [dA, dB])
+        objs = place(rng, w, split, b, dB, place(rng, w, split, a, dA))
+        objs = fill(rng, w, split, objs, rng.randint(0, 1), [dA, dB])
         A, B = ["all", dA], ["all", dB]
         atomA, actA = quantified(rng, w, objs, A, f"every {noun(dA)}")
         atomB, actB = quantified(rng, w, objs, B, f"every {noun(dB)}")
@@ -1029,7 +1052,8 @@ def ie_nested(rng, w, split):
     # several atoms under a quantifier, composed in order; all references read the source scene
     d1, d2 = two_descs(rng, w, same_attr=rng.random() < 0.5)
     S = ["or", d1, d2]
-    objs = fill(rng, w, split, place(rng, w, split, rng.randint(1, 2), rng.choice((d1, d2))), rng.randint(1, 3), [])
+    objs = place(rng, w, split, rng.randint(1, 2), rng.choice((d1, d2)))
+    objs = fill(rng, w, split, objs, rng.randint(1, 3), [])
     hit = members(S, objs)
     atom1, act1 = quantified(rng, w, objs, S, f"every {set_text(S)[:-1]}")
     rest = [o for o in objs if o not in hit]
@@ -1039,13 +1063,13 @@ def ie_nested(rng, w, split):
     ref = make_ref(rng, objs, t, 0)
     if ref is None:
         raise Invalid
-    atom2, act2 = action(rng, w, objs, [t], ops=("recolor", "reshape", "resize", "remove"), it=ref_text(ref))
+    atom2, act2 = action(rng, w, objs, [t], ops=IN_PLACE, it=ref_text(ref))
     text = f"{act1}, then {act2}"
     return objs, text, ["count", S], 3, fixed([atom1, atom2])
 
 
-IE_FAMILIES = {"conditional": ie_conditional, "synthesis": ie_synthesis, "count_conditioned": ie_count,
-               "location": ie_location, "nested": ie_nested}
+IE_FAMILIES = {"conditional": ie_conditional, "synthesis": ie_synthesis,
+               "count_conditioned": ie_count, "location": ie_location, "nested": ie_nested}
 
 
 def gen_uniedit(rng, w, split, family):
@@ -1053,7 +1077,8 @@ def gen_uniedit(rng, w, split, family):
     target = apply_atoms(objs, edit["atoms"])
     return dict(scene=objs, target_scene=target, text=text[0].upper() + text[1:] + ".", level=level,
                 edit=edit,
-                probe={"question": question_text(probe), "answer": answer(probe, objs), "program": probe})
+                probe={"question": question_text(probe), "answer": answer(probe, objs),
+                       "program": probe})
 
 
 def implied_target(sample, said, world="default"):
@@ -1097,7 +1122,8 @@ def is_ood(s, w):
     if any(f"{c} {sh}" in t for sh, c in w.heldout for t in texts):
         return True
     scenes = [x for x in (s.get("scene"), s.get("target_scene")) if x is not None]
-    return any(len(sc) > w.max_objects or any((o[0], o[1]) in w.heldout for o in sc) for sc in scenes)
+    return any(len(sc) > w.max_objects or any((o[0], o[1]) in w.heldout for o in sc)
+               for sc in scenes)
 
 
 def make_sample(world, task, split, index, seed=0):
@@ -1131,8 +1157,10 @@ def make_sample(world, task, split, index, seed=0):
         "id": f"{task}/{split}/{index}", "index": index, "task": task, "family": family,
         "level": s.get("level"), "hops": s.get("hops"), "split": split, "text": s["text"],
         "answer": s.get("answer"),
-        "image": render(scene, w) if scene else None, "target": render(target, w) if target else None,
-        "scene": scene.to_json() if scene else None, "target_scene": target.to_json() if target else None,
+        "image": render(scene, w) if scene else None,
+        "target": render(target, w) if target else None,
+        "scene": scene.to_json() if scene else None,
+        "target_scene": target.to_json() if target else None,
         "geneval": s.get("geneval"), "describes": s.get("describes"), "program": s.get("program"),
         "edit": s.get("edit"), "probe": s.get("probe"),
     }
@@ -1152,13 +1180,15 @@ def get_tokenizer(world="default", seed=0):
         for split in ("train", "test_ood"):
             for i in range(400):
                 s = make_sample(w, task, split, i, seed)
-                texts += [s["text"], s["answer"] or "", s["probe"]["question"] if s["probe"] else ""]
+                probe = s["probe"]["question"] if s["probe"] else ""
+                texts += [s["text"], s["answer"] or "", probe]
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     alphabet = sorted(set("".join(texts)))
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=list(SPECIALS), initial_alphabet=alphabet, show_progress=False))
+        vocab_size=512, special_tokens=list(SPECIALS), initial_alphabet=alphabet,
+        show_progress=False))
     return tok
 
 
@@ -1169,7 +1199,8 @@ def get_tokenizer(world="default", seed=0):
 # with task_i = tasks[i % len(tasks)] and split_i from a seeded hash of i.
 
 SPLIT_SHARES = (("train", 0.90), ("val", 0.04), ("test", 0.03), ("test_ood", 0.03))
-PRESETS = {"uniedit-148k": dict(n=148_000, tasks=("uniedit",)), "uniedit-40k": dict(n=40_000, tasks=("uniedit",))}
+PRESETS = {"uniedit-148k": dict(n=148_000, tasks=("uniedit",)),
+           "uniedit-40k": dict(n=40_000, tasks=("uniedit",))}
 FILES = ("meta.json", "images.npy", "samples.jsonl", "tokenizer.json", "contact.png")
 
 
@@ -1232,19 +1263,26 @@ def write_dataset(out, n, world="default", tasks=TASKS, seed=0, force=False, wor
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"--n must be a positive integer, got {n!r}")
     if os.path.isdir(out) and os.listdir(out) and not force:
-        raise ValueError(f"output folder {out} exists and is not empty: pick another or pass --force")
+        raise ValueError(f"output folder {out} exists and is not empty: pick another or pass "
+                         f"--force")
     check_writable(os.path.join(out, "meta.json"), "dataset folder's file")
     from multiprocessing import get_context
     from tqdm import tqdm
     per = [_images_per_sample(tasks[i % len(tasks)]) for i in range(n)]
     offsets = np.concatenate([[0], np.cumsum(per)])
     tmp = os.path.join(out, "images.npy.tmp")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(int(offsets[-1]), w.size, w.size, 3)).flush()
+    shape = (int(offsets[-1]), w.size, w.size, 3)
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
     step = 2000
-    jobs = [(tmp, w.name, tuple(tasks), seed, lo, min(lo + step, n), int(offsets[lo])) for lo in range(0, n, step)]
+    jobs = [(tmp, w.name, tuple(tasks), seed, lo, min(lo + step, n), int(offsets[lo]))
+            for lo in range(0, n, step)]
     workers = workers or min(os.cpu_count() or 1, len(jobs))
-    with open(os.path.join(out, "samples.jsonl.tmp"), "w") as f, tqdm(total=n, desc="synth", unit="sample") as bar:
-        chunks = map(_write_chunk, jobs) if workers == 1 else get_context("spawn").Pool(workers).imap(_write_chunk, jobs)
+    bar = tqdm(total=n, desc="synth", unit="sample")
+    with open(os.path.join(out, "samples.jsonl.tmp"), "w") as f, bar:
+        if workers == 1:
+            chunks = map(_write_chunk, jobs)
+        else:
+            chunks = get_context("spawn").Pool(workers).imap(_write_chunk, jobs)
         for recs in chunks:
             f.write("\n".join(recs) + "\n")
             bar.update(len(recs))
@@ -1261,7 +1299,7 @@ def write_dataset(out, n, world="default", tasks=TASKS, seed=0, force=False, wor
 
 
 class Dataset:
-    """A dataset folder, memory-mapped: ds[i] equals make_sample(world, task_i, split_i, i, seed)."""
+    """A dataset folder, memory-mapped: ds[i] is make_sample(world, task_i, split_i, i, seed)."""
 
     def __init__(self, path):
         self.path = path
@@ -1280,14 +1318,16 @@ class Dataset:
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise bad(str(e)) from None
         if self.meta.get("version") != VERSION:
-            raise bad(f"format version {self.meta.get('version')} but this synth.py reads {VERSION}")
+            raise bad(f"format version {self.meta.get('version')} but this synth.py reads "
+                      f"{VERSION}")
         if self.images.shape != (self.meta["n_images"], self.world.size, self.world.size, 3):
             raise bad(f"images.npy has shape {self.images.shape}, meta.json expects "
                       f"({self.meta['n_images']}, {self.world.size}, {self.world.size}, 3)")
         with open(os.path.join(path, "samples.jsonl"), "rb") as f:
             self._lines = f.read().split(b"\n")[:-1]
         if len(self._lines) != self.meta["n"]:
-            raise bad(f"samples.jsonl has {len(self._lines)} records, meta.json says {self.meta['n']}")
+            raise bad(f"samples.jsonl has {len(self._lines)} records, meta.json says "
+                      f"{self.meta['n']}")
         self.seed = self.meta["seed"]
 
     def __len__(self):
@@ -1297,19 +1337,20 @@ class Dataset:
         try:
             return json.loads(self._lines[i])
         except json.JSONDecodeError as e:
-            raise ValueError(f"{os.path.join(self.path, 'samples.jsonl')} line {i + 1} is not valid "
-                             f"JSON ({e.msg}): rewrite the dataset with python synth.py --out "
-                             f"{self.path} --force") from None
+            jsonl = os.path.join(self.path, "samples.jsonl")
+            raise ValueError(f"{jsonl} line {i + 1} is not valid JSON ({e.msg}): rewrite the "
+                             f"dataset with python synth.py --out {self.path} --force") from None
 
     def __getitem__(self, i):
         rec = self._record(i)
-        rec["image"] = None if rec["image_idx"] is None else np.array(self.images[rec["image_idx"]])
-        rec["target"] = None if rec["target_idx"] is None else np.array(self.images[rec["target_idx"]])
-        del rec["image_idx"], rec["target_idx"]
+        for key in ("image", "target"):
+            row = rec.pop(key + "_idx")
+            rec[key] = None if row is None else np.array(self.images[row])
         return rec
 
     def records(self):
-        """Every sample's record without its images (task, split, text, ...): cheap, for choosing samples."""
+        """Every sample's record without its images (task, split, text, ...): cheap, for
+        choosing samples."""
         return [self._record(i) for i in range(len(self._lines))]
 
 
@@ -1318,7 +1359,8 @@ class Dataset:
 def contact_sheet(samples, path, scale=3):
     """One row per sample: its text (and answer), source image, target image; for the eye."""
     font = ImageFont.load_default()
-    side = samples[0]["image"].shape[0] if samples[0]["image"] is not None else samples[0]["target"].shape[0]
+    first = samples[0]["image"] if samples[0]["image"] is not None else samples[0]["target"]
+    side = first.shape[0]
     px = side * scale
     text_w, row_h = 520, px + 8
     sheet = Image.new("RGB", (text_w + 2 * px + 24, row_h * len(samples) + 8), (40, 40, 40))
@@ -1327,12 +1369,14 @@ def contact_sheet(samples, path, scale=3):
         y = 8 + k * row_h
         words, lines = f"[{s['id']} {s['family']}] {s['text']}".split(), [""]
         for word in words:  # wrap by character count: the default font is fixed-width enough
-            lines[-1:] = [lines[-1] + " " + word] if len(lines[-1]) + len(word) < 80 else [lines[-1], word]
+            fits = len(lines[-1]) + len(word) < 80
+            lines[-1:] = [lines[-1] + " " + word] if fits else [lines[-1], word]
         if s["answer"]:
             lines.append(f"answer: {s['answer']}")
         if s["probe"]:
             lines.append(f"probe: {s['probe']['question']} {s['probe']['answer']}")
-        draw.multiline_text((6, y), "\n".join(x.strip() for x in lines), fill=(230, 230, 230), font=font)
+        text = "\n".join(x.strip() for x in lines)
+        draw.multiline_text((6, y), text, fill=(230, 230, 230), font=font)
         for j, key in enumerate(("image", "target")):
             if s[key] is not None:
                 im = Image.fromarray(np.asarray(s[key])).resize((px, px), Image.NEAREST)
@@ -1355,14 +1399,17 @@ def bench(world="default", tasks=("edit", "uniedit", "uniedit", "vqa", "t2i"), s
 def main(argv=None):
     p = argparse.ArgumentParser(description="Synthesize nanoUMM datasets from the shapes world.")
     p.add_argument("--out", help="dataset folder to write")
-    p.add_argument("--n", type=str, default=None, help="number of samples (default 2000; 16 for --show)")
+    p.add_argument("--n", type=str, default=None,
+                   help="number of samples (default 2000; 16 for --show)")
     p.add_argument("--world", default="default", help=f"one of {', '.join(WORLDS)}")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (sets --n and --tasks)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     p.add_argument("--show", nargs="?", const="", metavar="DIR",
-                   help="write a contact sheet of DIR's samples, or of on-the-fly samples without DIR")
+                   help="write a contact sheet of DIR's samples, or of on-the-fly samples "
+                        "without DIR")
     p.add_argument("--png", help="where --show writes (default DIR/contact.png or ./contact.png)")
     p.add_argument("--split", default="train", help="split for on-the-fly --show")
     p.add_argument("--bench", action="store_true", help="print on-the-fly samples/s on one core")
@@ -1388,12 +1435,14 @@ def main(argv=None):
                 ds = Dataset(a.show)
                 samples = [ds[i] for i in range(min(n, len(ds)))]
             else:
-                samples = [make_sample(a.world, tasks[i % len(tasks)], a.split, i, a.seed) for i in range(n)]
+                samples = [make_sample(a.world, tasks[i % len(tasks)], a.split, i, a.seed)
+                           for i in range(n)]
             print("wrote", contact_sheet(samples, png))
         elif a.out:
             t0 = time.time()
             write_dataset(a.out, n, a.world, tasks, a.seed, a.force)
-            print(f"wrote {n} samples to {a.out} in {time.time() - t0:.1f}s (contact sheet: {a.out}/contact.png)")
+            print(f"wrote {n} samples to {a.out} in {time.time() - t0:.1f}s (contact sheet: "
+                  f"{a.out}/contact.png)")
         else:
             p.error("give --out DIR, --show [DIR] or --bench")
     except ValueError as e:
