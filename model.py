@@ -100,7 +100,7 @@ class UMMConfig:
 
 
 PRESETS = {
-    "tiny": UMMConfig(width=128, image_size=64, patch=16),  # CPU, the tiny world: one patch per cell
+    "tiny": UMMConfig(width=128, image_size=64, patch=16),  # CPU, the tiny world, a patch per cell
     "small": UMMConfig(width=384, image_size=64, patch=8),  # one GPU, the 64x64 default world
     "base": UMMConfig(width=640, image_size=64, patch=8),  # a few GPUs
 }

@@ -198,7 +198,7 @@ def main(argv=None):
             print(f"wrote {a.n} images and {save(row(list(images)), os.path.join(a.out, 'grid.png'), 4)}")
             if truth:
                 right = sum(ev.judge_t2i(im, truth, world)["strict"] for im in images)
-                print(f"ShapeEval-strict: {right}/{a.n} images hold exactly the objects of the prompt")
+                print(f"ShapeEval-strict: {right}/{a.n} images hold exactly the prompt's objects")
         else:
             steps = [image]
             save(image, os.path.join(a.out, "step_0.png"))

@@ -534,8 +534,9 @@ def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
         scores = headline(results)
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in scores.items()}}) + "\n")
-        tqdm.write(f"eval step {step} (EMA): " + ", ".join(f"{k} {num(v)}" for k, v in scores.items())
-                   + f"; table and grid in {run_dir}/samples/step_{step:06d}.md/.png")
+        shown = ", ".join(f"{k} {num(v)}" for k, v in scores.items())
+        tqdm.write(f"eval step {step} (EMA): {shown}"
+                   + f"; table and picture in {run_dir}/samples/step_{step:06d}.md/.png")
     model.load_state_dict(live)
 
 

@@ -1,8 +1,8 @@
 """Tests of eval.py: python -m pytest tests/test_eval.py -q
 
-The judges are tested on hand-made images (clean targets, unedited sources, blank images, clutter, known
-partial edits), the chance rows on the real sets, the intervals against a hand computation; evaluate() and
-the CLI run on a 2-step checkpoint of a narrow model, made once for the session."""
+The judges are tested on hand-made images (clean targets, unedited sources, blank images, clutter,
+known partial edits), the chance rows on the real sets, the intervals against a hand computation;
+evaluate() and the CLI run on a 2-step checkpoint of a narrow model, made once for the session."""
 import json
 import math
 import os
@@ -62,8 +62,8 @@ def metrics(recs):
 
 def edit_recs(part, pairs):
     """Records of edits judged on (image, sample) pairs, as evaluate() makes them."""
-    return [{"part": part, "index": i, "family": s["family"], "level": f"L{s['level']}", "unseen": True,
-             **ev.judge_edit(im, s, W)} for i, (im, s) in enumerate(pairs)]
+    return [{"part": part, "index": i, "family": s["family"], "level": f"L{s['level']}",
+             "unseen": True, **ev.judge_edit(im, s, W)} for i, (im, s) in enumerate(pairs)]
 
 
 # ----------------------------------------------------------------------------- editing, per sample
@@ -75,12 +75,14 @@ def test_edit_judge_target_source_blank_and_clutter():
         "success": True, "following": 1.0, "preservation": 1.0, "overall": 1.0, "pixel_l1": 0.0,
         "should_change": 1, "followed": 1, "should_stay": stay, "kept": stay}
     src = ev.judge_edit(s["image"], s, W)  # the source unchanged: a real edit left undone
-    assert (src["success"], src["following"], src["preservation"], src["overall"]) == (False, 0.0, 1.0, 0.0)
+    assert (src["success"], src["following"], src["preservation"]) == (False, 0.0, 1.0)
+    assert src["overall"] == 0.0
     blank = ev.judge_edit(BLANK, s, W)  # a blank image keeps the empty cells but loses every object
     assert (blank["success"], blank["following"]) == (False, 0.0)
     assert blank["preservation"] == (stay - (len(s["scene"]) - 1)) / stay and blank["pixel_l1"] > 0
     # the clutter editor: the exact target plus an object in every empty cell
-    clutter = s["target_scene"] + [["square", "white", "small", r, c] for r, c in empty_cells(s["target_scene"])]
+    clutter = s["target_scene"] + [["square", "white", "small", r, c]
+                                   for r, c in empty_cells(s["target_scene"])]
     j = ev.judge_edit(render(clutter), s, W)
     assert not j["success"] and j["following"] == 1.0
     assert j["preservation"] == (len(s["scene"]) - 1) / stay < 1 and j["overall"] < 1
@@ -96,7 +98,7 @@ def test_source_is_a_success_on_a_noop_edit_and_not_on_a_real_one():
     assert ev.judge_edit(noop["image"], noop, W)["success"]
     real = find("uniedit", lambda s: bool(s["edit"]["atoms"]))
     assert not ev.judge_edit(real["image"], real, W)["success"]
-    # on a no-op, changing anything is not following: the blank loses following, not just preservation
+    # on a no-op, changing anything is not following: a blank loses following, not just preservation
     blank = ev.judge_edit(BLANK, noop, W)
     assert (blank["success"], blank["following"], blank["overall"]) == (False, 0.0, 0.0)
 
@@ -106,14 +108,15 @@ def test_edit_judge_known_partial_edit_and_per_sample_averaging():
     src, tgt = ev.cell_map(s["scene"]), ev.cell_map(s["target_scene"])
     a, b = sorted(x for x in set(src) | set(tgt) if src.get(x) != tgt.get(x))
     stay = [o for o in s["scene"] if tuple(o[3:]) not in (a, b)]
-    # only the first half of the swap is done (cell b keeps its object), and one should-stay object is lost
+    # only the swap's first half is done (cell b keeps its object), and one other object is lost
     out = [[*tgt[a], *a], [*src[b], *b]] + stay[1:]
     j = ev.judge_edit(render(out), s, W)
     assert (j["should_change"], j["followed"], j["should_stay"], j["kept"]) == (2, 1, 14, 13)
     assert (j["following"], j["preservation"]) == (0.5, 13 / 14)
     assert j["overall"] == pytest.approx(math.sqrt(0.5 * 13 / 14))
-    # pixel L1 covers the should-stay cells only: exactly the lost object's pixels differ from the target
-    assert j["pixel_l1"] == pytest.approx(np.abs(render(stay[:1]).astype(float)).sum() / 255 / (14 * W.cell ** 2 * 3))
+    # pixel L1 covers the should-stay cells only: exactly the lost object's pixels differ there
+    lost = np.abs(render(stay[:1]).astype(float)).sum() / 255
+    assert j["pixel_l1"] == pytest.approx(lost / (14 * W.cell ** 2 * 3))
     # GEdit's order: overall per sample, then the mean (not the root of pooled means)
     m = metrics(edit_recs("simple", [(render(out), s), (s["target"], s), (s["image"], s)]))
     assert m["edit_overall"] == pytest.approx((math.sqrt(0.5 * 13 / 14) + 1 + 0) / 3)
@@ -141,28 +144,32 @@ def test_strict_shapeeval_punishes_what_geneval_forgives():
     blob = ev.judge_t2i(scribble(s["target"], free[0]), s, W)
     right = ev.judge_t2i(s["target"], s, W)
     assert (right["strict"], right["geneval"]) == (True, True)
-    assert (extra["strict"], extra["geneval"]) == (False, True)  # an extra object: GenEval never looks
+    assert (extra["strict"], extra["geneval"]) == (False, True)  # an extra object: GenEval's blind
     assert (blob["strict"], blob["geneval"]) == (False, True)  # nor at an unreadable blob
     assert ev.judge_t2i(BLANK, s, W)["geneval"] is False
     # counting is exact under both; colors judge the most salient object of the shape
     count = find("t2i", lambda s: s["family"] == "counting")
     shape, n = count["geneval"]["include"][0]["shape"], count["geneval"]["include"][0]["count"]
-    one_more = count["target_scene"] + [[shape, "red", "small", *empty_cells(count["target_scene"])[0]]]
+    free = empty_cells(count["target_scene"])
+    one_more = count["target_scene"] + [[shape, "red", "small", *free[0]]]
     assert ev.judge_t2i(render(one_more), count, W)["geneval"] is False
     color = find("t2i", lambda s: s["family"] == "colors" and s["target_scene"][0][2] == "small"
                  and s["target_scene"][0][3:] != [3, 3])
     o = color["target_scene"][0]
     other = "white" if o[1] != "white" else "red"
     later = [c for c in empty_cells([o]) if c > tuple(o[3:])][0]  # after it in reading order
-    assert ev.judge_t2i(render([o, [o[0], other, "large", *later]]), color, W)["geneval"] is False  # judged first
-    assert ev.judge_t2i(render([o, [o[0], other, "small", *later]]), color, W)["geneval"] is True  # judged after
+    first = render([o, [o[0], other, "large", *later]])  # the larger one is judged, not o
+    after = render([o, [o[0], other, "small", *later]])  # o comes first in reading order
+    assert ev.judge_t2i(first, color, W)["geneval"] is False
+    assert ev.judge_t2i(after, color, W)["geneval"] is True
 
 
 def test_shapeeval_is_the_mean_over_categories_and_scene_f1_counts_objects():
     fams = {f: find("t2i", lambda s, f=f: s["family"] == f) for f in synth.T2I_FAMILIES}
-    # three categories right, three wrong, 2 images each; the full-scene caption gets one right, one blank
+    # three categories right, three wrong, 2 images each; the full-scene caption: one right
+    right = lambda f, k: f in ev.GENEVAL[:3] or (f == "scene" and k == 0)
     recs = [{"part": "scene" if f == "scene" else "t2i", "index": i, "k": k, "family": f,
-             **ev.judge_t2i(s["target"] if f in ev.GENEVAL[:3] or (f == "scene" and k == 0) else BLANK, s, W)}
+             **ev.judge_t2i(s["target"] if right(f, k) else BLANK, s, W)}
             for i, (f, s) in enumerate(fams.items()) for k in range(2)]
     r = ev.summarize(recs, {})
     m = {k: v["value"] for k, v in r["metrics"].items()}
@@ -178,18 +185,19 @@ def test_self_consistency_follows_the_models_own_answer():
     cond = find("uniedit", lambda s: s["family"] == "conditional" and s["edit"]["branch"]
                 and s["probe"]["program"][1] == "color")
     other = next(c for c in W.colors if c != cond["probe"]["answer"])
-    assert ev.self_consistent(cond["target"], cond, cond["probe"]["answer"], W)  # right answer, right edit
-    # a wrong answer that implies no change: leaving the scene alone is consistent with it, the target not
+    assert ev.self_consistent(cond["target"], cond, cond["probe"]["answer"], W)  # right and right
+    # a wrong answer that implies no change: leaving the scene alone agrees with it, the target not
     assert ev.self_consistent(cond["image"], cond, other, W)
     assert not ev.self_consistent(cond["target"], cond, other, W)
     # a wrong answer that implies another edit: add the object in the color the model said
-    synth_ = find("uniedit", lambda s: s["family"] == "synthesis" and s["probe"]["program"][1] == "color")
+    synth_ = find("uniedit", lambda s: s["family"] == "synthesis"
+                  and s["probe"]["program"][1] == "color")
     said = next(c for c in W.colors if c != synth_["probe"]["answer"])
     added = synth_["edit"]["atoms"][0]
     implied = synth_["scene"] + [[added["obj"][0], said, added["obj"][2], *added["cells"][0]]]
     assert ev.self_consistent(render(implied), synth_, said, W)
     assert not ev.self_consistent(synth_["target"], synth_, said, W)
-    assert ev.self_consistent(synth_["target"], synth_, "7", W) is False  # no color: implies nothing
+    assert ev.self_consistent(synth_["target"], synth_, "7", W) is False  # no color: no edit
     # an answer decides nothing where the edit is the same whatever it is
     loc = find("uniedit", lambda s: s["family"] == "location")
     assert ev.self_consistent(loc["target"], loc, "red", W) is None
@@ -197,13 +205,14 @@ def test_self_consistency_follows_the_models_own_answer():
 
 def test_the_consistency_table_cannot_be_won_by_failing():
     s = find("uniedit", lambda s: s["family"] == "conditional" and s["edit"]["branch"])
-    wrong = "nothing"  # never succeed, answer every probe wrong: the old "consistency" gave this 1.0
+    wrong = "nothing"  # never succeed, answer every probe wrong: the old "consistency" gave 1.0
     recs = edit_recs("intelligent", [(BLANK, s)] * 4)
     for r in recs:
         r["probe_correct"], r["self_consistent"] = False, ev.self_consistent(BLANK, s, wrong, W)
     r = ev.summarize(recs, {})
     m = {k: v["value"] for k, v in r["metrics"].items()}
-    assert m["self_consistency"] == 0.0 and m["edit_if_probe_wrong"] == 0.0 and m["edit_if_probe_right"] is None
+    assert m["self_consistency"] == 0.0 and m["edit_if_probe_wrong"] == 0.0
+    assert m["edit_if_probe_right"] is None
     assert r["consistency"] == {"probe right / edit right": 0, "probe right / edit wrong": 0,
                                 "probe wrong / edit right": 0, "probe wrong / edit wrong": 4}
 
@@ -232,7 +241,7 @@ def test_trivial_models_score_near_chance():
     source = chance("source")["metrics"]
     assert source["edit_success"]["value"] == 0.0 and source["edit_preservation"]["value"] == 1.0
     assert 0 < source["uniedit_success"]["value"] < 0.3  # its no-op edits, and nothing else
-    assert source["vqa_acc"]["value"] is None and source["shapeeval"]["value"] is None  # it does neither
+    assert source["vqa_acc"]["value"] is None and source["shapeeval"]["value"] is None
     blind, rand = chance("blind")["metrics"], chance("random")["metrics"]
     assert 0.15 < rand["vqa_acc"]["value"] < blind["vqa_acc"]["value"] < 0.5
     assert blind["edit_success"]["value"] is None and rand["self_consistency"]["value"] < 0.1
@@ -243,22 +252,26 @@ def test_trivial_models_score_near_chance():
 def test_blind_answers_the_majority_per_text_then_kind():
     per_text, per_kind = ev.train_answers(W)
     qs = [synth.make_sample(W, "vqa", "train", i) for i in range(3000)]
-    text = max(set(q["text"] for q in qs), key=lambda t: sum(q["text"] == t for q in qs))  # the most frequent text
-    assert ev.blind_answer(next(q for q in qs if q["text"] == text), W) == per_text[text].most_common(1)[0][0]
-    unseen = {"text": "How many unseen questions are there?", "program": ["count", ["all", {"color": "red"}]]}
+    text = max(set(q["text"] for q in qs), key=lambda t: sum(q["text"] == t for q in qs))
+    question = next(q for q in qs if q["text"] == text)
+    assert ev.blind_answer(question, W) == per_text[text].most_common(1)[0][0]
+    unseen = {"text": "How many unseen questions are there?",
+              "program": ["count", ["all", {"color": "red"}]]}
     assert ev.blind_answer(unseen, W) == per_kind["count"].most_common(1)[0][0]
 
 
-# ----------------------------------------------------------------------------- evaluate() and the CLI
+# ----------------------------------------------------------------------------- evaluate(), CLI
 
-def test_evaluate_is_deterministic_returns_every_key_and_ignores_batching(ckpt, monkeypatch, tmp_path):
+def test_evaluate_is_deterministic_returns_every_key_and_ignores_batching(ckpt, monkeypatch,
+                                                                           tmp_path):
     model, tok, world, _, _ = ev.load(ckpt)
     a = ev.evaluate(model, tok, world, progress=False, **SMALL)
     assert a == ev.evaluate(model, tok, world, progress=False, **SMALL)
     monkeypatch.setattr(ev, "BATCH", 3)  # noise is drawn per sample, so batching changes nothing
-    assert a == ev.evaluate(model, tok, world, progress=False, picture=str(tmp_path / "p.png"), **SMALL)
-    assert set(a) == {"counts", "metrics", "understanding", "generation", "editing", "consistency", "items",
-                      "sampling", "chance"}
+    assert a == ev.evaluate(model, tok, world, progress=False, picture=str(tmp_path / "p.png"),
+                            **SMALL)
+    assert set(a) == {"counts", "metrics", "understanding", "generation", "editing", "consistency",
+                      "items", "sampling", "chance"}
     assert set(a["metrics"]) == set(ev.METRICS) and set(a["chance"]) == set(ev.BASELINES)
     assert set(a["generation"]["by_category"]) == set(ev.GENEVAL)
     assert a["counts"]["t2i_prompts"] == 7 and len(a["items"]["simple"]["index"]) == 4
@@ -282,8 +295,8 @@ def test_picture_shows_each_output_upscaled_and_labelled(tmp_path):
 
 def test_cli_writes_json_table_and_picture(ckpt, tmp_path, capsys):
     out = tmp_path / "r" / "val.json"
-    ev.main(["--ckpt", ckpt, "--n", "4", "--n_t2i", "7", "--samples_per_prompt", "1", "--n_edit", "2", "--steps",
-             "1", "--weights", "model", "--out", str(out)])
+    ev.main(["--ckpt", ckpt, "--n", "4", "--n_t2i", "7", "--samples_per_prompt", "1", "--n_edit",
+             "2", "--steps", "1", "--weights", "model", "--out", str(out)])
     res = json.load(open(out))
     assert res["step"] == 2 and res["weights"] == "model" and res["counts"]["vqa"] == 4
     md = open(tmp_path / "r" / "val.md").read()
@@ -294,9 +307,10 @@ def test_cli_writes_json_table_and_picture(ckpt, tmp_path, capsys):
 
 def test_baseline_cli_writes_the_same_eval_json(tmp_path):
     out = tmp_path / "source.json"
-    r = subprocess.run([sys.executable, "eval.py", "--baseline", "source", "--n", "4", "--n_t2i", "7",
-                        "--samples_per_prompt", "1", "--n_edit", "20", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, env=ENV)  # a whole run, as a user makes it
+    args = ["--baseline", "source", "--n", "4", "--n_t2i", "7", "--samples_per_prompt", "1",
+            "--n_edit", "20", "--out", str(out)]
+    r = subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       env=ENV)  # a whole run, as users make it
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(out))
     assert res["checkpoint"] == "baseline source" and res["metrics"]["edit_success"]["value"] == 0.0
@@ -306,8 +320,9 @@ def test_baseline_cli_writes_the_same_eval_json(tmp_path):
 def one_line_error(*args):
     with pytest.raises(SystemExit) as e:
         ev.main(list(args))
-    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
-    return e.value.code
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg
+    return msg
 
 
 def test_bad_checkpoints_and_options_get_one_line_errors(ckpt, tmp_path, monkeypatch):
@@ -323,7 +338,8 @@ def test_bad_checkpoints_and_options_get_one_line_errors(ckpt, tmp_path, monkeyp
     assert "--n must be at least 1" in one_line_error("--ckpt", ckpt, "--n", "0")
     assert "shift >= 1" in one_line_error("--ckpt", ckpt, "--shift", "0.5")
     assert "unknown --baseline 'lucky'" in one_line_error("--baseline", "lucky")
-    assert "--ckpt CHECKPOINT or --baseline" in one_line_error("--ckpt", ckpt, "--baseline", "blank")
+    assert "--ckpt CHECKPOINT or --baseline" in one_line_error("--ckpt", ckpt, "--baseline",
+                                                                "blank")
     # a checkpoint of the world as it was before its templates changed (here: 32 px)
     old = tmp_path / "old"
     old.mkdir()
@@ -334,20 +350,22 @@ def test_bad_checkpoints_and_options_get_one_line_errors(ckpt, tmp_path, monkeyp
     json.dump(meta, open(old / "config.json", "w"))
     assert "no longer draws" in one_line_error("--ckpt", str(old))
     # an unwritable --out is refused before any compute
-    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("computed before checking --out"))
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("computed before the check"))
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    assert f"cannot write the results file {afile}" in one_line_error("--ckpt", ckpt, "--out", str(afile / "r.json"))
-    assert "cannot write the results file" in one_line_error("--baseline", "blank", "--out", str(afile / "r.json"))
+    unwritable = str(afile / "r.json")
+    msg = f"cannot write the results file {afile}"
+    assert msg in one_line_error("--ckpt", ckpt, "--out", unwritable)
+    assert msg in one_line_error("--baseline", "blank", "--out", unwritable)
 
 
 def test_a_failed_write_leaves_the_old_results_intact(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "eval.json"
     out.write_text('{"old": true}')
     (tmp_path / "eval.md").write_text("old table")
-    result = ev.evaluate(ev.Baseline("blank", W), None, W, progress=False, chance=False, n=2, n_t2i=7,
-                         samples_per_prompt=1, n_edit=2)
-    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {**result, "bad": {1, 2}})  # a set: not JSON
+    result = ev.evaluate(ev.Baseline("blank", W), None, W, progress=False, chance=False, n=2,
+                         n_t2i=7, samples_per_prompt=1, n_edit=2)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {**result, "bad": {1, 2}})  # not JSON
     with pytest.raises(TypeError):
         ev.main(["--baseline", "blank", "--out", str(out)])
     assert out.read_text() == '{"old": true}' and (tmp_path / "eval.md").read_text() == "old table"
@@ -358,7 +376,7 @@ def test_unseen_intelligent_edits_leave_out_the_tuning_set_instructions(ckpt, tm
     model, tok, world, _, _ = ev.load(ckpt)
     a = ev.evaluate(model, tok, world, progress=False, chance=False, **SMALL)
     m = a["metrics"]
-    assert m["uniedit_unseen_success"]["value"] == m["uniedit_success"]["value"]  # nothing seen: all unseen
+    assert m["uniedit_unseen_success"]["value"] == m["uniedit_success"]["value"]  # none seen
     edits = [synth.make_sample(W, "uniedit", "val", i) for i in range(SMALL["n_edit"])]
     seen = frozenset(s["text"] for s in edits[:2])
     b = ev.evaluate(model, tok, world, progress=False, chance=False, seen=seen, **SMALL)
@@ -366,7 +384,8 @@ def test_unseen_intelligent_edits_leave_out_the_tuning_set_instructions(ckpt, tm
     # --unseen_from reads a dataset folder's train split, and refuses a folder that is not one
     synth.write_dataset(str(tmp_path / "d"), 40, "tiny", ("uniedit",), seed=0, workers=1)
     texts = ev.tuning_texts(str(tmp_path / "d"))
-    train = [s for s in (json.loads(x) for x in open(tmp_path / "d" / "samples.jsonl")) if s["split"] == "train"]
+    records = [json.loads(x) for x in open(tmp_path / "d" / "samples.jsonl")]
+    train = [s for s in records if s["split"] == "train"]
     assert texts == {s["text"] for s in train} and len(train) < 40
     assert "dataset" in one_line_error("--ckpt", ckpt, "--unseen_from", str(tmp_path / "nothing"))
 
@@ -386,7 +405,8 @@ def write_runs(folder, row, per_seed):
     for seed, (vqa, success) in enumerate(per_seed):
         os.makedirs(folder / f"{row}_s{seed}", exist_ok=True)
         for split in ("val", "test_ood"):
-            json.dump(fake_result(vqa, success, seed), open(folder / f"{row}_s{seed}" / f"eval_{split}.json", "w"))
+            path = folder / f"{row}_s{seed}" / f"eval_{split}.json"
+            json.dump(fake_result(vqa, success, seed), open(path, "w"))
 
 
 def test_compare_gives_mean_std_chance_rows_and_paired_differences(tmp_path, capsys):
@@ -409,9 +429,10 @@ def test_compare_refuses_missing_stale_or_truncated_results_naming_the_file(tmp_
     assert f"no uniedit_s<seed> folders in {tmp_path}" in one_line_error("--compare", str(tmp_path),
                                                                          "--rows", "base,uniedit")
     val = tmp_path / "base_s0" / "eval_val.json"
-    json.dump({"understanding": {"accuracy": 0.5}}, open(val, "w"))  # an eval.json of an older eval.py
+    json.dump({"understanding": {"accuracy": 0.5}}, open(val, "w"))  # by an older eval.py
     assert f"{val} has no 'counts'" in one_line_error("--compare", str(tmp_path), "--rows", "base")
     val.write_text('{"counts": {"split": "val", "se')  # cut short by a crash
-    assert f"{val} is not valid JSON" in one_line_error("--compare", str(tmp_path), "--rows", "base")
+    assert f"{val} is not valid JSON" in one_line_error("--compare", str(tmp_path), "--rows",
+                                                         "base")
     os.remove(val)
     assert f"{val} is missing" in one_line_error("--compare", str(tmp_path), "--rows", "base")
