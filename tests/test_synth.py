@@ -221,6 +221,12 @@ def test_intelligent_edits(world):
             if not e["branch"] and "otherwise leave" in s["text"]:
                 assert not e["atoms"]
         noops += not e["atoms"]
+        # the edit redone from the probe's true answer is the target (other answers: test_eval)
+        implied = synth.implied_target(s, probe["answer"], world)
+        if e["if_answer"] is None and e["answer_sets"] is None:
+            assert implied is None  # location and quantified edits act alike whatever the answer
+        else:
+            assert implied == s["target_scene"], s["text"]
         outside = re.sub(r"[Ii]f [^,]*,", "", s["text"]).lower()  # the answer may only sit in a condition
         if probe["program"][0] == "count" or probe["program"][2][0] == "the":
             assert probe["answer"] not in re.findall(r"[a-z0-9]+", outside), s["text"]
