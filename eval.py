@@ -1,76 +1,88 @@
-"""Score a nanoUMM checkpoint on understanding, generation and editing, with synth.parse as the judge.
+"""Score a nanoUMM checkpoint on understanding, generation and editing; synth.parse is the judge.
 
-    python eval.py --ckpt out/pretrain                      # newest checkpoint of a run, EMA weights, val split
-    python eval.py --ckpt out/pretrain/step_002400 --split test_ood --out results/ood.json
-    python eval.py --ckpt out/pretrain --weights model --n 2000 --seed 1
-    python eval.py --compare results --rows base,uniedit    # mean ± std over seeds of saved results
-    python eval.py -h                                       # every count and sampling knob
+    python eval.py --ckpt out/pretrain            # a run's newest checkpoint, EMA weights, val
+    python eval.py --ckpt out/pretrain/step_006000 --split test_ood --out results/ood.json
+    python eval.py --baseline universal           # a chance row: a trivial model on the same sets
+    python eval.py --compare results --rows base,uniedit   # mean ± std over seeds, differences
+    python eval.py -h                             # every count and sampling knob
 
 The sets are synth.make_sample(world, task, split, i) with data seed 0, so every checkpoint of a
 world sees the same questions, prompts and edits; --seed only seeds the sampling noise, drawn per
 sample (a pure function of seed, sample id and draw), so neither the batch size nor the number of
-ranks changes which noise an image starts from.
+ranks changes which noise an image starts from. The judge reads a cell only when it is sure (see
+synth.parse): a cell it cannot read is malformed, which equals no object.
 
-  understanding  exact-match VQA accuracy overall, per family and per hop depth, next to a blind
-                 baseline: the majority answer to the same question text among 20,000 train
-                 questions (the family's majority where the text never occurs in train)
-  generation     ShapeEval, GenEval's rule: an image is right iff it parses cleanly and every
-                 include/exclude clause of its prompt holds; accuracy per category, overall = the
-                 mean of the six categories; several images per prompt; for full-scene captions,
-                 object-level precision / recall / F1 of the parsed objects against the prompt's
-                 "at" clauses (a malformed cell counts as a wrong object)
-  editing        simple (synth task "edit") and intelligent ("uniedit") separately, by comparing
-                 the grid cell by cell (a cell holds an object (shape, color, size), nothing, or a
-                 malformed blob):
+  understanding  exact-match VQA accuracy, per family and per hop depth
+  generation     ShapeEval-strict (the headline): the image holds exactly the objects the prompt
+                 describes and nothing else, no extra and no unreadable object. ShapeEval, GenEval's
+                 rule (for comparison with papers): every include/exclude clause holds, on the
+                 prompt's shapes only, the color and position judged on the most salient object(s)
+                 of a shape (large before small, then reading order), a position only where its
+                 direction dominates the offset; extra objects go unpunished. Both per category and
+                 overall = the mean of the six categories (equal prompts per category); several
+                 images per prompt. Full-scene captions: exact-scene rate and object F1.
+  editing        simple (synth task "edit") and intelligent ("uniedit") separately, per sample and
+                 then averaged (GEdit's order), comparing the grid cell by cell (a cell holds an
+                 object, nothing, or a malformed blob):
                    success       the output parses to exactly the target scene
-                   recall        of the cells that should change (source != target there), the
-                                 share whose output equals the target ("following")
-                   precision     of the cells the output changed (output != source), the share
-                                 that equal the target
-                   preservation  of the objects that should stay (source == target there), the
-                                 share unchanged in the output
+                   following     of the cells that should change, the share equal to the target;
+                                 for a no-op edit 1 if nothing changed, else 0
+                   preservation  of ALL the cells that should stay (empty ones too, so clutter
+                                 counts), the share unchanged
+                   overall       sqrt(following x preservation)
                    pixel L1      mean |output - target| / 255 over the pixels of should-stay cells
-                   overall       sqrt(recall x preservation) (GEdit's geometric mean)
-                 Counts are pooled over the samples of a group, and an empty ratio (0 / 0) is 1: a
-                 no-op edit has nothing to follow, so following is vacuously perfect and success
-                 means leaving the scene as it was. Broken down by family and by logic level.
-                 consistency (intelligent edits): the share of samples where the edit succeeds
-                 exactly when the model answers the edit's embedded probe question right.
-                 unseen (intelligent edits): the same numbers over the edits whose instruction text
-                 is not in the train split of --unseen_from (a tuning set), so that no tuned model
-                 can have met the sentence before (all of them without --unseen_from).
+                 by family and logic level; "unseen": intelligent edits whose instruction is not in
+                 the train split of --unseen_from (a tuning set).
+  consistency    (intelligent edits) the 2x2 table of probe answer right/wrong x edit right/wrong,
+                 P(edit right | probe right) and P(edit right | probe wrong); and self-consistency:
+                 the share of edits whose output equals the edit implied by the model's own answer
+                 to the embedded question (synth.implied_target; "If it is red, paint it blue"
+                 answered "green" implies no change), over the edits an answer decides.
 
-Writes every number to eval.json (or --out) and the tables, which it also prints, to eval.md
-beside it; the default --out is CHECKPOINT/eval.json for val and CHECKPOINT/eval_<split>.json
-otherwise. train.py calls evaluate() at each eval with small counts.
+Chance rows (--baseline NAME, and in every table): trivial models scored on the same sets.
+  oracle     the true answers and target images: 1.0 on every metric (pixel L1 0)
+  blind      answers from the question text alone: the majority answer to the same text among
+             20,000 train questions, else of its kind (e.g. "query color"); draws nothing
+  source     edits: the source image, unchanged
+  blank      generation and edits: a black image
+  universal  generation and edits: one fixed image, the one of the first 1,000 train T2I and
+             1,000 VQA images with the best GenEval-rule score on 16 train prompts per category
+  random     a random train answer to a question of the same kind; a random train T2I image; for
+             edits a random train edit's target
+A part a baseline does not do (blind draws nothing) is null in its eval.json and "-" in tables.
 
-Measured on the 2-core CPU (fp32), default counts, a tiny-preset checkpoint (step 1800 of python train.py),
-while two other training processes kept both cores busy:
-    OMP_NUM_THREADS=1 python eval.py --ckpt out/pretrain      2 min 06 s
-    python eval.py --ckpt out/pretrain                        9 min 01 s, the same numbers
-With its cores taken, torch's second thread waits for a busy core at every op, so on a shared machine
-run with OMP_NUM_THREADS=1. python -m pytest tests/test_eval.py tests/test_sample.py -q: 15 s.
+Intervals: every headline metric has a bootstrap 95% interval (1,000 resamples of the eval
+items: questions, prompts with all their images, edits). --compare gives mean ± std over seeds
+and, for each row against the first, a paired bootstrap interval of the difference (the same
+item and seed resamples for both rows; * where it excludes 0).
+
+Writes eval.json (or --out), and beside it eval.md (the tables, also printed) and eval.png (a
+labelled picture of the first outputs); the default --out is CHECKPOINT/eval.json for val and
+CHECKPOINT/eval_<split>.json otherwise. train.py calls evaluate() at each eval with small counts.
 """
 import argparse
 import json
 import math
-import operator
 import os
+import random
 import sys
+import textwrap
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from functools import lru_cache, reduce
+from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import synth
 from model import EOS, TASK_GROUP, collate, euler, load_checkpoint, newest_checkpoint
 
-GENEVAL = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # t2i "scene" is apart
+GENEVAL = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BATCH = 64  # samples per forward pass
+RESAMPLES = 1000  # bootstrap resamples behind every 95% interval
 
 
 @dataclass
@@ -83,28 +95,35 @@ class Sampling:
 
     def __post_init__(self):
         if self.steps < 1 or self.shift < 1:
-            raise ValueError(f"sampling needs steps >= 1 and shift >= 1, got steps={self.steps}, shift={self.shift}")
+            raise ValueError(f"sampling needs steps >= 1 and shift >= 1, got steps={self.steps}, "
+                             f"shift={self.shift}")
 
 
-# ----------------------------------------------------------------------------- loading and inference
+# ----------------------------------------------------------------------------- model calls
 # Shared with sample.py: every model call of both scripts goes through these helpers.
 
 def world_of(meta):
-    """The synth World a checkpoint was trained on, from its config.json (lists back to tuples)."""
-    w = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-         for k, v in meta["world"].items()}
-    return synth.World(**w)
+    """The synth World a checkpoint was trained on, from its config.json."""
+    return synth.world_from_json(meta["world"])
 
 
 def load(ckpt, weights="ema", device="cpu"):
-    """(model, tokenizer, world, checkpoint folder, meta); a run folder means its newest checkpoint."""
+    """(model, tokenizer, world, checkpoint folder, meta); a run folder means its newest checkpoint.
+    Refuses a checkpoint of a world this synth.py draws differently: its scores would mean
+    nothing."""
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights must be ema or model, got {weights!r}")
     model, tok, meta = load_checkpoint(ckpt, weights, device)
+    name = meta["world"].get("name")
+    now = json.loads(json.dumps(asdict(synth.WORLDS[name]))) if name in synth.WORLDS else None
+    if meta["world"] != now:
+        raise ValueError(f"checkpoint {ckpt} was trained on a world {name!r} that this synth.py "
+                         f"no longer draws (its images or judge differ): retrain it, or evaluate "
+                         f"it at its own commit")
     world = world_of(meta)
     if world.size != model.cfg.image_size:
-        raise ValueError(f"checkpoint {ckpt}: world {world.name!r} is {world.size} px but the model takes "
-                         f"{model.cfg.image_size} px")
+        raise ValueError(f"checkpoint {ckpt}: world {world.name!r} is {world.size} px but the "
+                         f"model takes {model.cfg.image_size} px")
     return model, tok, world, newest_checkpoint(ckpt), meta
 
 
@@ -119,7 +138,7 @@ def on(device, sub):
 
 @torch.no_grad()
 def answer(model, tok, questions, device="cpu"):
-    """Greedy answers (str) to vqa-shaped dicts {"task": "vqa", "text", "image"}, one forward per BATCH."""
+    """Greedy answers (str) to vqa-shaped dicts {"text", "image"}, one forward per BATCH."""
     out = []
     for i in range(0, len(questions), BATCH):
         part = [{**q, "task": "vqa", "answer": None} for q in questions[i:i + BATCH]]
@@ -129,33 +148,34 @@ def answer(model, tok, questions, device="cpu"):
 
 
 def noise(key, seed, size):
-    """The starting noise (3, S, S) of one image: a pure function of (seed, key), independent of batching."""
+    """The starting noise (3, S, S) of one image: a function of (seed, key), not of batching."""
     g = torch.Generator().manual_seed(synth.sample_seed("noise", seed, key))
     return torch.randn(3, size, size, generator=g)
 
 
 @torch.no_grad()
 def draw(model, tok, samples, keys, sampling, seed=0, device="cpu"):
-    """Images (uint8 (B, S, S, 3)) for t2i prompts or edits (a source "image" and an instruction "text"),
-    all of one task group; keys name each image's noise, so a prompt drawn 4 times has 4 keys."""
+    """Images (uint8 (B, S, S, 3)) for t2i prompts or edits (a source "image" and an instruction
+    "text"), all of one task group; keys name each image's noise: a prompt drawn 4 times has 4."""
     task = TASK_GROUP[samples[0]["task"]]
     sub = on(device, collate([{**s, "target": None} for s in samples], model.cfg, tok)[task])
     x = torch.stack([noise(k, seed, model.cfg.image_size) for k in keys]).to(device)  # (B, 3, S, S)
     txt, img = (sampling.cfg, 1.0) if task == "t2i" else (sampling.cfg_txt, sampling.cfg_img)
-    if (txt, img) == (1.0, 1.0):  # guidance at scale 1 is the conditional velocity: one pass, not two or three
+    if (txt, img) == (1.0, 1.0):  # guidance at scale 1 is the conditional velocity: one pass
         fn = lambda x_t, t: model.velocity(task, sub, x_t, t)
     else:
         fn = lambda x_t, t: model.guided_velocity(task, sub, x_t, t, txt, img)
     return to_uint8(euler(fn, x, sampling.steps, sampling.shift).clamp(-1, 1))
 
 
-# ----------------------------------------------------------------------------- judging one image
+# ----------------------------------------------------------------------------- judging one output
 
 MALFORMED = "malformed"  # what a cell the parser could not read holds: it equals no object
 
 
 def cell_map(scene):
-    """Scene (or list of [shape, color, size, row, col]) -> {(row, col): (shape, color, size) or MALFORMED}."""
+    """Scene (or [[shape, color, size, row, col], ..]) -> {(row, col): (shape, color, size) or
+    MALFORMED}."""
     if not isinstance(scene, synth.Scene):
         scene = synth.Scene.of(scene)
     cells = {(o.row, o.col): tuple(o[:3]) for o in scene.objects}
@@ -164,114 +184,154 @@ def cell_map(scene):
 
 
 def judge_t2i(image, sample, world):
-    """GenEval's verdict on one generated image, plus object counts for full-scene captions."""
+    """One generated image: strict and GenEval-rule verdicts (None: GenEval has no rule for
+    full-scene captions), and the object counts of a full-scene caption's F1."""
     scene = synth.parse(image, world)
-    wanted = {tuple(c[2]): tuple(c[1]) for c in sample["clauses"] if c[0] == "at"}
+    geneval = sample["geneval"] and synth.geneval_holds(sample["geneval"], scene.objects, world)
+    wanted = {(d["row"], d["col"]): (d["shape"], d["color"], d["size"])
+              for d in sample["describes"] if "row" in d}
     got = cell_map(scene)
-    return {"correct": synth.satisfies(scene, sample["clauses"]),
-            "tp": sum(got.get(cell) == obj for cell, obj in wanted.items()), "pred": len(got), "truth": len(wanted)}
+    return {"strict": synth.holds_exactly(sample["describes"], scene) and geneval is not False,
+            "geneval": geneval, "tp": sum(got.get(cell) == obj for cell, obj in wanted.items()),
+            "pred": len(got), "truth": len(wanted)}
 
 
-def judge_edit(image, sample, world):
-    """Counts for one edited image against its sample's source and target (see the module docstring)."""
-    out, src, tgt = cell_map(synth.parse(image, world)), cell_map(sample["scene"]), cell_map(sample["target_scene"])
+def judge_edit(image, sample, world, scene=None):
+    """One edited image (parsed: `scene`) against its sample's source and target (see the module
+    docstring)."""
+    out = cell_map(scene or synth.parse(image, world))
+    src, tgt = cell_map(sample["scene"]), cell_map(sample["target_scene"])
     cells = [(r, c) for r in range(world.grid) for c in range(world.grid)]
     change = [x for x in cells if src.get(x) != tgt.get(x)]
     stay = [x for x in cells if src.get(x) == tgt.get(x)]
-    stay_objects = [x for x in stay if x in src]
+    followed = sum(out.get(x) == tgt.get(x) for x in change)
+    kept = sum(out.get(x) == src.get(x) for x in stay)
+    changed = sum(out.get(x) != src.get(x) for x in cells)
+    following = followed / len(change) if change else float(changed == 0)  # a no-op: left alone?
+    preservation = kept / len(stay) if stay else 1.0
     mask = np.zeros((world.size, world.size), bool)  # the pixels of the should-stay cells
     for r, c in stay:
         mask[r * world.cell:(r + 1) * world.cell, c * world.cell:(c + 1) * world.cell] = True
     diff = np.abs(np.asarray(image, np.float32) - np.asarray(sample["target"], np.float32)) / 255
-    return {"success": all(out.get(x) == tgt.get(x) for x in cells),
-            "should_change": len(change), "followed": sum(out.get(x) == tgt.get(x) for x in change),
-            "changed": sum(out.get(x) != src.get(x) for x in cells),
-            "should_stay": len(stay_objects), "kept": sum(out.get(x) == src.get(x) for x in stay_objects),
-            "l1_sum": float(diff[mask].sum()), "l1_n": int(mask.sum()) * 3}
+    return {"success": all(out.get(x) == tgt.get(x) for x in cells), "following": following,
+            "preservation": preservation, "overall": math.sqrt(following * preservation),
+            "pixel_l1": float(diff[mask].mean()) if mask.any() else 0.0,
+            "should_change": len(change), "followed": followed, "should_stay": len(stay),
+            "kept": kept}
 
 
-# ----------------------------------------------------------------------------- pooling judgements
-
-def ratio(a, b):
-    return a / b if b else 1.0  # an empty ratio is vacuously perfect: nothing to get wrong
-
-
-def edit_stats(recs):
-    """Pooled editing metrics of a group of judge_edit records."""
-    s = {k: sum(r[k] for r in recs) for k in ("should_change", "followed", "changed", "should_stay", "kept",
-                                               "l1_sum", "l1_n")}
-    recall, keep = ratio(s["followed"], s["should_change"]), ratio(s["kept"], s["should_stay"])
-    return {"n": len(recs), "success": sum(r["success"] for r in recs) / max(1, len(recs)),
-            "precision": ratio(s["followed"], s["changed"]), "recall": recall, "preservation": keep,
-            "pixel_l1": s["l1_sum"] / s["l1_n"] if s["l1_n"] else 0.0, "overall": math.sqrt(recall * keep)}
+def self_consistent(image, sample, said, world, scene=None):
+    """Does the output (parsed: `scene`) equal the edit implied by the answer `said` to the
+    embedded question? None where no answer decides the edit (location and quantified edits)."""
+    e = sample["edit"]
+    if e["if_answer"] is None and e["answer_sets"] is None:
+        return None
+    implied = synth.implied_target(sample, said, world)
+    return implied is not None and cell_map(scene or synth.parse(image, world)) == cell_map(implied)
 
 
-def by(recs, key, stats):
-    groups = defaultdict(list)
-    for r in recs:
-        groups[str(r[key])].append(r)
-    return {k: stats(groups[k]) for k in sorted(groups)}
+# ----------------------------------------------------------------------------- chance rows
+
+BASELINES = ("oracle", "blind", "source", "blank", "universal", "random")
 
 
-def vqa_stats(recs):
-    n = len(recs)
-    return {"n": n, "accuracy": sum(r["correct"] for r in recs) / max(1, n),
-            "blind_accuracy": sum(r["blind_correct"] for r in recs) / max(1, n)}
+def question_kind(program):
+    """What a question asks, for answers that ignore the image: "count", "query color", ..."""
+    attr = program[0] in ("query", "pos", "same", "equal")
+    return program[0] + (f" {program[1]}" if attr else "")
 
-
-def summarize(recs, counts):
-    """The results dict from every sample's record (gathered from all ranks)."""
-    vqa = [r for r in recs if r["part"] == "vqa"]
-    t2i = [r for r in recs if r["part"] == "t2i"]
-    geneval = {f: {"n": len(g), "accuracy": sum(r["correct"] for r in g) / max(1, len(g))}
-               for f in GENEVAL for g in [[r for r in t2i if r["family"] == f]]}
-    scene = [r for r in t2i if r["family"] == "scene"]
-    tp, pred, truth = (sum(r[k] for r in scene) for k in ("tp", "pred", "truth"))
-    p, rc = (tp / pred if pred else 0.0), (tp / truth if truth else 0.0)  # nothing drawn is no credit here
-    out = {
-        "counts": counts,
-        "understanding": {**vqa_stats(vqa), "by_family": by(vqa, "family", vqa_stats),
-                          "by_hops": by(vqa, "hops", vqa_stats),
-                          "examples": [{k: r[k] for k in ("text", "said", "truth")} for r in vqa[:8]]},
-        "generation": {"overall": sum(g["accuracy"] for g in geneval.values()) / len(geneval), "by_category": geneval,
-                       "scene": {"n": len(scene), "precision": p, "recall": rc,
-                                 "f1": 2 * p * rc / (p + rc) if p + rc else 0.0}},
-        "editing": {},
-    }
-    for name, part in (("simple", "edit"), ("intelligent", "uniedit")):
-        g = [r for r in recs if r["part"] == part]
-        out["editing"][name] = {**edit_stats(g), "by_family": by(g, "family", edit_stats),
-                                "by_level": by(g, "level", edit_stats)}
-    ie = [r for r in recs if r["part"] == "uniedit"]
-    out["editing"]["intelligent"]["probe_accuracy"] = sum(r["probe_correct"] for r in ie) / max(1, len(ie))
-    out["editing"]["intelligent"]["consistency"] = sum(r["success"] == r["probe_correct"] for r in ie) / max(1, len(ie))
-    out["editing"]["intelligent"]["unseen"] = edit_stats([r for r in ie if r["unseen"]])
-    return out
-
-
-# ----------------------------------------------------------------------------- the blind baseline
 
 @lru_cache(maxsize=None)
-def blind_table(world, n=20_000):
-    """(majority answer per question text, majority answer per family) over n train questions."""
-    per_text, per_family = defaultdict(Counter), defaultdict(Counter)
+def train_answers(world, n=20_000):
+    """{question text: Counter of answers} and {question kind: Counter} over n train questions."""
+    per_text, per_kind = defaultdict(Counter), defaultdict(Counter)
     for i in range(n):
         s = synth.make_sample(world, "vqa", "train", i)
         per_text[s["text"]][s["answer"]] += 1
-        per_family[s["family"]][s["answer"]] += 1
-    top = lambda table: {k: c.most_common(1)[0][0] for k, c in table.items()}
-    return top(per_text), top(per_family)
+        per_kind[question_kind(s["program"])][s["answer"]] += 1
+    return dict(per_text), dict(per_kind)
 
 
-def blind_answer(sample, table):
-    per_text, per_family = table
-    return per_text.get(sample["text"], per_family.get(sample["family"]))
+def blind_answer(question, world):
+    """The majority train answer to the same question text, else to questions of its kind."""
+    per_text, per_kind = train_answers(world)
+    votes = per_text.get(question["text"]) or per_kind[question_kind(question["program"])]
+    return votes.most_common(1)[0][0]
+
+
+@lru_cache(maxsize=None)
+def universal_image(world, candidates=1000, per_category=16):
+    """The fixed image of the `universal` row: of the first `candidates` train T2I and as many VQA
+    images, the one with the best GenEval-rule score on `per_category` train prompts of each of the
+    six categories (the first on ties). A clean render parses to its scene (a synth test), so the
+    scene stands for the image. Chosen on train: the sets it is scored on play no part."""
+    prompts, quota, i = [], Counter(), 0
+    while len(prompts) < per_category * len(GENEVAL):
+        s = synth.make_sample(world, "t2i", "train", i)
+        if s["family"] in GENEVAL and quota[s["family"]] < per_category:
+            quota[s["family"]] += 1
+            prompts.append(s["geneval"])
+        i += 1
+    best, best_score = None, -1
+    for task, key in (("t2i", "target"), ("vqa", "image")):
+        for i in range(candidates):
+            s = synth.make_sample(world, task, "train", i)
+            objs = synth.Scene.of(s["target_scene"] if task == "t2i" else s["scene"]).objects
+            score = sum(synth.geneval_holds(g, objs, world) for g in prompts)
+            if score > best_score:
+                best, best_score = s[key], score
+    return best
+
+
+@lru_cache(maxsize=None)
+def train_images(world, task, n=2000):
+    """The target images of the first n train samples of a task: the `random` row's pool."""
+    return [synth.make_sample(world, task, "train", i)["target"] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A trivial model for a chance row (see the module docstring); None where it does nothing."""
+    name: str
+    world: synth.World
+    seed: int = 0
+
+    def rng(self, key):
+        return random.Random(synth.sample_seed(self.name, self.seed, key))
+
+    def answer(self, questions):
+        if self.name == "oracle":
+            return [q["answer"] for q in questions]
+        if self.name == "blind":
+            return [blind_answer(q, self.world) for q in questions]
+        if self.name == "random":
+            per_kind = train_answers(self.world)[1]
+            votes = [per_kind[question_kind(q["program"])] for q in questions]
+            return [self.rng(q["text"]).choices(list(v), weights=list(v.values()))[0]
+                    for q, v in zip(questions, votes)]
+        return None
+
+    def draw(self, samples, keys):
+        t2i = samples[0]["task"] == "t2i"
+        blank = np.zeros((self.world.size, self.world.size, 3), np.uint8)
+        if self.name == "oracle":
+            return [s["target"] for s in samples]
+        if self.name == "source" and not t2i:
+            return [s["image"] for s in samples]
+        if self.name == "blank":
+            return [blank for _ in samples]
+        if self.name == "universal":
+            return [universal_image(self.world) for _ in samples]
+        if self.name == "random":
+            pool = train_images(self.world, "t2i" if t2i else "edit")
+            return [self.rng(k).choice(pool) for k in keys]
+        return None
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
 def eval_sets(world, split, n, n_t2i, n_edit):
-    """The samples to score: VQA, T2I prompts (the same number from each of the seven families) and edits."""
+    """The samples to score: VQA, T2I prompts (as many of each of the seven families) and edits."""
     mk = lambda task, i: synth.make_sample(world, task, split, i)
     per_family, prompts, quota, i = max(1, n_t2i // len(synth.T2I_FAMILIES)), [], Counter(), 0
     while len(prompts) < per_family * len(synth.T2I_FAMILIES):
@@ -284,173 +344,520 @@ def eval_sets(world, split, n, n_t2i, n_edit):
             [mk("edit", i) for i in range(n_edit)], [mk("uniedit", i) for i in range(n_edit)])
 
 
-def evaluate(model, tok, world, split="val", n=500, n_t2i=112, samples_per_prompt=4, n_edit=150, seed=0,
-             device="cpu", sampling=None, rank=0, world_size=1, progress=True, seen=frozenset()):
-    """Score model on `split` of `world`: understanding on n questions, generation on n_t2i prompts x
-    samples_per_prompt images, editing on n_edit simple and n_edit intelligent edits. Under torchrun
-    each rank takes every world_size-th sample and the records are gathered, so every rank returns
-    the same dict: the numbers of the module docstring plus "counts" and "sampling". `seen`: instruction
-    texts of a tuning set, left out of the intelligent edits' "unseen" numbers."""
-    sampling = sampling or Sampling()
-    world = synth.get_world(world)
-    model.eval()
-    sets = eval_sets(world, split, n, n_t2i, n_edit)
-    counts = {"split": split, "seed": seed, "vqa": n, "t2i_prompts": len(sets[1]),
-              "samples_per_prompt": samples_per_prompt, "simple_edits": n_edit, "intelligent_edits": n_edit}
-    vqa, prompts, edits, uniedits = (x[rank::world_size] for x in sets)
-    draws = [(s, k) for s in prompts for k in range(samples_per_prompt)]
-    probes = [{"text": s["probe"]["question"], "image": s["image"]} for s in uniedits]
-    bar = tqdm(total=len(vqa) + len(probes) + len(draws) + len(edits) + len(uniedits), desc=f"eval {split}",
-               unit="sample", disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
-    recs = []
-
-    said = answer(model, tok, vqa + probes, device)
+def score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, seen, shown, bar):
+    """Every item's record: answers from say(questions), images from make(samples, keys); either
+    returns None for a part it does not do (a baseline). The first `shown` outputs of each image
+    part come back too, for the picture."""
+    recs, gallery = [], defaultdict(list)
+    probes = [{"text": s["probe"]["question"], "image": s["image"], "answer": s["probe"]["answer"],
+               "program": s["probe"]["program"]} for s in uniedits]
+    said = say(vqa + probes)
     bar.update(len(vqa) + len(probes))
-    table = blind_table(world)
-    for s, a in zip(vqa, said):
-        recs.append({"part": "vqa", "index": s["index"], "family": s["family"], "hops": s["hops"], "text": s["text"],
-                     "said": a, "truth": s["answer"], "correct": a == s["answer"],
-                     "blind_correct": blind_answer(s, table) == s["answer"]})
-    probe_right = [a == s["probe"]["answer"] for s, a in zip(uniedits, said[len(vqa):])]
+    if said is not None:
+        for s, a in zip(vqa, said):
+            recs.append({"part": "vqa", "index": s["index"], "family": s["family"],
+                         "hops": s["hops"], "text": s["text"], "said": a, "truth": s["answer"],
+                         "correct": a == s["answer"]})
+        said = said[len(vqa):]
 
+    draws = [(s, k) for s in prompts for k in range(samples_per_prompt)]
     for i in range(0, len(draws), BATCH):
         part = draws[i:i + BATCH]
-        images = draw(model, tok, [s for s, _ in part], [(s["id"], k) for s, k in part], sampling, seed, device)
-        for (s, k), im in zip(part, images):
-            recs.append({"part": "t2i", "index": s["index"], "k": k, "family": s["family"], **judge_t2i(im, s, world)})
+        images = make([s for s, _ in part], [(s["id"], k) for s, k in part])
         bar.update(len(part))
+        if images is None:
+            continue
+        for (s, k), im in zip(part, images):
+            j = judge_t2i(im, s, world)
+            recs.append({"part": "scene" if s["family"] == "scene" else "t2i",
+                         "index": s["index"], "k": k, "family": s["family"], **j})
+            if k == 0 and len(gallery["t2i"]) < shown:
+                verdict = f"strict {yes(j['strict'])}, GenEval {yes(j['geneval'])}"
+                gallery["t2i"].append((s, im, verdict))
 
-    for task, samples in (("edit", edits), ("uniedit", uniedits)):
+    for name, samples in (("simple", edits), ("intelligent", uniedits)):
         for i in range(0, len(samples), BATCH):
             part = samples[i:i + BATCH]
-            images = draw(model, tok, part, [(s["id"], 0) for s in part], sampling, seed, device)
-            for j, (s, im) in enumerate(zip(part, images)):
-                rec = {"part": task, "index": s["index"], "family": s["family"], "level": f"L{s['level']}",
-                       **judge_edit(im, s, world)}
-                if task == "uniedit":
-                    rec["probe_correct"], rec["unseen"] = probe_right[i + j], s["text"] not in seen
-                recs.append(rec)
+            images = make(part, [(s["id"], 0) for s in part])
             bar.update(len(part))
-    bar.close()
+            if images is None:
+                continue
+            for j, (s, im) in enumerate(zip(part, images)):
+                scene = synth.parse(im, world)
+                rec = {"part": name, "index": s["index"], "family": s["family"],
+                       "level": f"L{s['level']}", **judge_edit(im, s, world, scene)}
+                verdict = f"success {yes(rec['success'])}, following {rec['following']:.2f}, " \
+                          f"preservation {rec['preservation']:.2f}"
+                if name == "intelligent":
+                    a = None if said is None else said[i + j]
+                    rec["unseen"] = s["text"] not in seen
+                    rec["probe_correct"] = None if a is None else a == s["probe"]["answer"]
+                    rec["self_consistent"] = None if a is None else \
+                        self_consistent(im, s, a, world, scene)
+                    if a is not None:
+                        verdict += f"; probe: {a!r} ({s['probe']['answer']!r})"
+                recs.append(rec)
+                if len(gallery[name]) < shown:
+                    gallery[name].append((s, im, verdict))
+    return recs, gallery
 
+
+def yes(b):
+    return "-" if b is None else "yes" if b else "no"
+
+
+def evaluate(model, tok, world, split="val", n=1000, n_t2i=112, samples_per_prompt=4, n_edit=250,
+             seed=0, device="cpu", sampling=None, rank=0, world_size=1, progress=True,
+             seen=frozenset(), chance=True, picture=None):
+    """Score `model` (a UMM, or a Baseline with tok None) on `split` of `world`: understanding on n
+    questions, generation on n_t2i prompts x samples_per_prompt images, editing on n_edit simple and
+    n_edit intelligent edits. Under torchrun each rank takes every world_size-th sample and the
+    records are gathered, so every rank returns the same dict (see summarize); `chance` adds the
+    chance rows' headline numbers on the same sets; `picture`: a PNG path for a labelled picture
+    of the first outputs (rank 0). `seen`: a tuning set's instructions, left out of "unseen"."""
+    sampling = sampling or Sampling()
+    world = synth.get_world(world)
+    sets = eval_sets(world, split, n, n_t2i, n_edit)
+    counts = {"split": split, "seed": seed, "vqa": n, "t2i_prompts": len(sets[1]),
+              "samples_per_prompt": samples_per_prompt, "simple_edits": n_edit,
+              "intelligent_edits": n_edit}
+    if isinstance(model, Baseline):
+        say, make = model.answer, model.draw
+    else:
+        model.eval()
+        say = lambda qs: answer(model, tok, qs, device)
+        make = lambda ss, ks: draw(model, tok, ss, ks, sampling, seed, device)
+    vqa, prompts, edits, uniedits = (x[rank::world_size] for x in sets)
+    bar = tqdm(total=len(vqa) + 2 * len(uniedits) + len(prompts) * samples_per_prompt + len(edits),
+               desc=f"eval {split}", unit="sample", disable=not progress or rank != 0, leave=False,
+               dynamic_ncols=True)
+    recs, gallery = score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, seen,
+                          8 if picture else 0, bar)
+    bar.close()
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, recs)
         recs = [r for g in gathered for r in g]
-    recs.sort(key=lambda r: (r["part"], r["index"], r.get("k", 0)))  # pooled sums in one order, whatever the sharding
-    return {**summarize(recs, counts), "sampling": asdict(sampling)}
+    recs.sort(key=lambda r: (r["part"], r["index"], r.get("k", 0)))  # one order, however sharded
+    out = {**summarize(recs, counts), "sampling": asdict(sampling)}
+    if chance:
+        out["chance"] = chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen)
+    if picture and rank == 0 and any(gallery.values()):
+        draw_picture(gallery, picture)
+    return out
+
+
+@lru_cache(maxsize=None)
+def chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen):
+    """{baseline: {metric: value}} on the same sets (deterministic, so cached)."""
+    rows = {}
+    for name in BASELINES:
+        r = evaluate(Baseline(name, world, seed), None, world, split, n, n_t2i, samples_per_prompt,
+                     n_edit, seed, progress=False, seen=seen, chance=False)
+        rows[name] = {k: v["value"] for k, v in r["metrics"].items()}
+    return rows
+
+
+# ----------------------------------------------------------------------------- metrics, intervals
+# Every headline metric is a statistic of one part's per-item columns, so one definition gives the
+# value, its bootstrap interval (columns resampled over items: (RESAMPLES, n)) and --compare's
+# paired differences. A T2I item is a prompt (its images averaged): its images resample together.
+
+def mean(x):
+    return x.mean(-1)
+
+
+def share(x, given):
+    """The share of `x` among the items where `given` holds (NaN where none does)."""
+    return (x * given).sum(-1) / given.sum(-1)
+
+
+def f1(c):
+    return 2 * c["tp"].sum(-1) / (c["pred"].sum(-1) + c["truth"].sum(-1))
+
+
+def decided(x):
+    """The share of True among the items where x is defined (not NaN)."""
+    return share(np.nan_to_num(x), ~np.isnan(x))
+
+
+METRICS = {  # key: (label, part, statistic of the part's columns)
+    "vqa_acc": ("VQA accuracy", "vqa", lambda c: mean(c["correct"])),
+    "shapeeval": ("ShapeEval-strict: exactly the described objects", "t2i",
+                  lambda c: mean(c["strict"])),
+    "shapeeval_geneval": ("ShapeEval, GenEval's rule", "t2i", lambda c: mean(c["geneval"])),
+    "scene_exact": ("full-scene captions: exact scene", "scene", lambda c: mean(c["exact"])),
+    "scene_f1": ("full-scene captions: object F1", "scene", f1),
+    **{f"{short}_{m}": (f"{part} edits: {m.replace('_', ' ')}", part, lambda c, m=m: mean(c[m]))
+       for short, part in (("edit", "simple"), ("uniedit", "intelligent"))
+       for m in ("success", "following", "preservation", "overall", "pixel_l1")},
+    "uniedit_unseen_success": ("intelligent edits, unseen instructions: success", "intelligent",
+                               lambda c: share(c["success"], c["unseen"])),
+    "probe_acc": ("intelligent edits: probe accuracy", "intelligent",
+                  lambda c: mean(c["probe_correct"])),
+    "edit_if_probe_right": ("edit right when the probe is answered right", "intelligent",
+                            lambda c: share(c["success"], c["probe_correct"])),
+    "edit_if_probe_wrong": ("edit right when the probe is answered wrong", "intelligent",
+                            lambda c: share(c["success"], 1 - c["probe_correct"])),
+    "self_consistency": ("self-consistency: the edit its own answer implies", "intelligent",
+                         lambda c: decided(c["self_consistent"])),
+}
+HEADLINE = ("vqa_acc", "shapeeval", "shapeeval_geneval", "scene_f1", "edit_success", "edit_overall",
+            "uniedit_success", "uniedit_overall", "self_consistency")  # train.py's log line
+
+
+def columns(items):
+    """A part's item columns as float arrays (None -> NaN), shape (1, n)."""
+    return {k: np.array([np.nan if v is None else float(v) for v in vs])[None]
+            for k, vs in items.items()}
+
+
+def statistic(key, items, idx=None):
+    """METRICS[key] over a part's items, resampled by idx (B, n) if given: (B,), NaN where
+    undefined."""
+    label, part, fn = METRICS[key]
+    undefined = np.full(1 if idx is None else len(idx), np.nan)
+    if not items.get(part, {}).get("index"):
+        return undefined
+    cols = columns(items[part])
+    if idx is not None:
+        cols = {k: v[0][idx] for k, v in cols.items()}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        try:
+            return fn(cols)
+        except KeyError:  # a column the part lacks: a baseline that edits but never answers
+            return undefined
+
+
+def finite(x):
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def interval(key, items):
+    """{"value", "ci": [lo, hi]}: the metric and its bootstrap 95% interval over the items."""
+    value = finite(statistic(key, items)[0])
+    n = len(items.get(METRICS[key][1], {}).get("index", []))
+    if value is None:
+        return {"value": None, "ci": None}
+    idx = np.random.default_rng(0).integers(0, n, (RESAMPLES, n))
+    reps = statistic(key, items, idx)
+    reps = reps[np.isfinite(reps)]
+    return {"value": value, "ci": [float(x) for x in np.percentile(reps, [2.5, 97.5])]}
+
+
+def item_table(recs, part, cols):
+    return {c: [r[c] for r in recs if r["part"] == part] for c in ("index",) + cols}
+
+
+def summarize(recs, counts):
+    """The results dict from every item's record (gathered from all ranks): counts, metrics with
+    intervals, breakdowns, the 2x2 consistency table, a few answers, and the per-item columns."""
+    per_prompt = defaultdict(list)  # a T2I item is a prompt: its images' verdicts, averaged
+    for r in recs:
+        if r["part"] in ("t2i", "scene"):
+            per_prompt[r["part"], r["index"]].append(r)
+    prompts = [{"part": part, "index": i, "family": rs[0]["family"],
+                "strict": np.mean([r["strict"] for r in rs]),
+                "geneval": None if part == "scene" else np.mean([r["geneval"] for r in rs]),
+                "exact": np.mean([r["strict"] for r in rs]),
+                **{k: sum(r[k] for r in rs) for k in ("tp", "pred", "truth")}}
+               for (part, i), rs in sorted(per_prompt.items())]
+    edit_cols = ("success", "following", "preservation", "overall", "pixel_l1")
+    ie = [r for r in recs if r["part"] == "intelligent"]
+    answered = bool(ie) and ie[0]["probe_correct"] is not None
+    items = {
+        "vqa": item_table(recs, "vqa", ("correct",)),
+        "t2i": item_table(prompts, "t2i", ("strict", "geneval")),
+        "scene": item_table(prompts, "scene", ("exact", "tp", "pred", "truth")),
+        "simple": item_table(recs, "simple", edit_cols),
+        "intelligent": item_table(recs, "intelligent", edit_cols + ("unseen",) + (
+            ("probe_correct", "self_consistent") if answered else ())),
+    }
+    plain = lambda v: float(v) if isinstance(v, (bool, np.floating)) else v  # JSON-able
+    items = {part: {k: [plain(v) for v in vs] for k, vs in cols.items()}
+             for part, cols in items.items() if cols["index"]}
+
+    def by(rows, key, fields):
+        groups = defaultdict(list)
+        for r in rows:
+            groups[str(r[key])].append(r)
+        return {k: {"n": len(g), **{f: float(np.mean([r[f] for r in g])) for f in fields}}
+                for k, g in sorted(groups.items())}
+    vqa = [r for r in recs if r["part"] == "vqa"]
+    geneval = [p for p in prompts if p["part"] == "t2i"]
+    table = Counter((r["probe_correct"], r["success"]) for r in ie) if answered else Counter()
+    return {
+        "counts": counts,
+        "metrics": {k: interval(k, items) for k in METRICS},
+        "understanding": {"by_family": by(vqa, "family", ("correct",)),
+                          "by_hops": by(vqa, "hops", ("correct",)),
+                          "examples": [{k: r[k] for k in ("text", "said", "truth")}
+                                       for r in vqa[:8]]},
+        "generation": {"by_category": by(geneval, "family", ("strict", "geneval"))},
+        "editing": {name: {"by_family": by(g, "family", edit_cols),
+                           "by_level": by(g, "level", edit_cols)}
+                    for name in ("simple", "intelligent")
+                    for g in [[r for r in recs if r["part"] == name]]},
+        "consistency": {f"probe {p} / edit {e}": table[pk, ek]
+                        for p, pk in (("right", True), ("wrong", False))
+                        for e, ek in (("right", True), ("wrong", False))} if answered else None,
+        "items": items,
+    }
 
 
 def headline(r):
     """The few numbers worth one log line: {name: value}."""
-    u, g, e = r["understanding"], r["generation"], r["editing"]
-    return {"vqa_acc": u["accuracy"], "vqa_blind": u["blind_accuracy"], "shapeeval": g["overall"],
-            "scene_f1": g["scene"]["f1"], "edit_success": e["simple"]["success"],
-            "edit_overall": e["simple"]["overall"],
-            "uniedit_success": e["intelligent"]["success"], "uniedit_overall": e["intelligent"]["overall"],
-            "consistency": e["intelligent"]["consistency"]}
+    return {k: r["metrics"][k]["value"] for k in HEADLINE}
 
 
-# ----------------------------------------------------------------------------- the tables
+# ----------------------------------------------------------------------------- tables and pictures
+
+def num(x):
+    return "-" if x is None else f"{x:.3f}"
+
 
 def to_markdown(r, title="nanoUMM eval"):
-    c, u, g, e = r["counts"], r["understanding"], r["generation"], r["editing"]
-    f = lambda x: f"{x:.3f}"
+    c, m = r["counts"], r["metrics"]
+    chance = r.get("chance", {})
+    sampling = ", ".join(f"{k} {v}" for k, v in r["sampling"].items())
     lines = [f"## {title}", "",
-             f"split {c['split']}, seed {c['seed']}; {c['vqa']} questions, {c['t2i_prompts']} prompts x "
-             f"{c['samples_per_prompt']} images, {c['simple_edits']} simple + {c['intelligent_edits']} intelligent "
-             "edits; "
-             "sampling " + ", ".join(f"{k} {v}" for k, v in r["sampling"].items()), "",
-             "| capability | metric | value |", "| --- | --- | --- |",
-             f"| understanding | VQA accuracy (blind baseline) | {f(u['accuracy'])} ({f(u['blind_accuracy'])}) |",
-             f"| generation | ShapeEval overall (mean of 6 categories) | {f(g['overall'])} |",
-             f"| generation | full-scene object F1 (P / R) | {f(g['scene']['f1'])} ({f(g['scene']['precision'])} / "
-             f"{f(g['scene']['recall'])}) |"]
-    for name in ("simple", "intelligent"):
-        lines.append(f"| {name} editing | success / overall | {f(e[name]['success'])} / {f(e[name]['overall'])} |")
-    un = e["intelligent"]["unseen"]
-    lines.append(f"| intelligent editing | unseen instructions ({un['n']}): success / overall | {f(un['success'])} / "
-                 f"{f(un['overall'])} |")
-    lines.append(f"| intelligent editing | probe accuracy / consistency | {f(e['intelligent']['probe_accuracy'])} / "
-                 f"{f(e['intelligent']['consistency'])} |")
-    lines += ["", "| VQA | n | accuracy | blind |", "| --- | --- | --- | --- |"]
-    rows = [(k, v) for k, v in u["by_family"].items()] + [(f"{k} hops", v) for k, v in u["by_hops"].items()]
-    lines += [f"| {k} | {v['n']} | {f(v['accuracy'])} | {f(v['blind_accuracy'])} |" for k, v in rows]
-    lines += ["", "| ShapeEval category | images | accuracy |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {v['n']} | {f(v['accuracy'])} |" for k, v in g["by_category"].items()]
-    lines += ["", "| edits | group | n | success | precision | recall | preservation | pixel L1 | overall |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("simple", "intelligent"):
-        groups = [("all", e[name])] + list(e[name]["by_family"].items()) + list(e[name]["by_level"].items())
-        lines += [f"| {name} | {k} | {v['n']} | " + " | ".join(f(v[m]) for m in
-                  ("success", "precision", "recall", "preservation", "pixel_l1", "overall")) + " |" for k, v in groups]
-    lines += ["", "| question | model's answer | truth |", "| --- | --- | --- |"]
-    lines += [f"| {x['text']} | {x['said']} | {x['truth']} |" for x in u["examples"]]
+             f"split {c['split']}, seed {c['seed']}; {c['vqa']} questions, {c['t2i_prompts']} "
+             f"prompts x {c['samples_per_prompt']} images, {c['simple_edits']} simple + "
+             f"{c['intelligent_edits']} intelligent edits; sampling {sampling}; 95% bootstrap "
+             "intervals; chance rows on the same sets (eval.py --baseline NAME)", "",
+             "| metric | value | 95% interval | " + " | ".join(chance) + " |",
+             "| --- | --- | --- |" + " --- |" * len(chance)]
+    for k, (label, _, _) in METRICS.items():
+        ci = f"{m[k]['ci'][0]:.3f} - {m[k]['ci'][1]:.3f}" if m[k]["ci"] else "-"
+        rows = " | ".join(num(row[k]) for row in chance.values())
+        lines.append(f"| {label} | {num(m[k]['value'])} | {ci} | {rows} |")
+    u, g, e = r["understanding"], r["generation"], r["editing"]
+    if u["by_family"]:
+        lines += ["", "| VQA | n | accuracy |", "| --- | --- | --- |"]
+        rows = list(u["by_family"].items()) + [(f"{k} hops", v) for k, v in u["by_hops"].items()]
+        lines += [f"| {k} | {v['n']} | {num(v['correct'])} |" for k, v in rows]
+    if g["by_category"]:
+        lines += ["", "| ShapeEval category | prompts | strict | GenEval's rule |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v['n']} | {num(v['strict'])} | {num(v['geneval'])} |"
+                  for k, v in g["by_category"].items()]
+    if e["simple"]["by_family"] or e["intelligent"]["by_family"]:
+        fields = ("success", "following", "preservation", "overall", "pixel_l1")
+        lines += ["", "| edits | group | n | success | following | preservation | overall | "
+                  "pixel L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name in ("simple", "intelligent"):
+            groups = list(e[name]["by_family"].items()) + list(e[name]["by_level"].items())
+            lines += [f"| {name} | {k} | {v['n']} | " + " | ".join(num(v[f]) for f in fields) + " |"
+                      for k, v in groups]
+    if r["consistency"]:
+        t = r["consistency"]
+        lines += ["", "| intelligent edits | edit right | edit wrong |", "| --- | --- | --- |"]
+        lines += [f"| probe {p} | {t[f'probe {p} / edit right']} | {t[f'probe {p} / edit wrong']} |"
+                  for p in ("right", "wrong")]
+    if u["examples"]:
+        lines += ["", "| question | model's answer | truth |", "| --- | --- | --- |"]
+        lines += [f"| {x['text']} | {x['said']} | {x['truth']} |" for x in u["examples"]]
     return "\n".join(lines) + "\n"
+
+
+SCALE = 2  # picture images are drawn at 2x (128 px for the 64 px worlds), nearest neighbour
+PER_ROW = 4  # samples side by side in a picture
+GAP, LINE = 6, 12  # px between images, and per line of text
+
+
+def draw_picture(gallery, path):
+    """A picture a person reads at a glance: per part a titled band of samples, each three framed
+    images labelled source | output | target (T2I: output | an example of a right image), and the
+    prompt or instruction with the judge's verdict wrapped under them. Returns where each image
+    went: {(part, k, label): (x, y)}, its top-left corner."""
+    font = ImageFont.load_default()
+    side = next(im for rows in gallery.values() for _, im, _ in rows).shape[0] * SCALE
+    block_w = 3 * side + 2 * GAP
+    chars = block_w // 6  # the default font is about 6 px per character
+    bands, where = [], {}
+    for part, title in (("t2i", "T2I prompts"), ("simple", "simple edits"),
+                        ("intelligent", "intelligent edits")):
+        rows = gallery.get(part, [])
+        if not rows:
+            continue
+        texts = [textwrap.wrap(s["text"], chars)[:5] + textwrap.wrap(v, chars) for s, _, v in rows]
+        block_h = LINE + side + GAP + LINE * max(len(t) for t in texts)
+        height = 2 * LINE + math.ceil(len(rows) / PER_ROW) * (block_h + 3 * GAP)
+        sheet = Image.new("RGB", (PER_ROW * (block_w + 3 * GAP) + GAP, height), (40, 40, 40))
+        pen = ImageDraw.Draw(sheet)
+        pen.text((GAP, GAP), title, fill=(255, 255, 255), font=font)
+        top = sum(b.height for b in bands)  # of this band in the picture
+        for k, ((s, im, _), text) in enumerate(zip(rows, texts)):
+            x = GAP + (k % PER_ROW) * (block_w + 3 * GAP)
+            y = 2 * LINE + (k // PER_ROW) * (block_h + 3 * GAP)
+            cols = [("output", im), ("an example", s["target"])] if part == "t2i" else \
+                [("source", s["image"]), ("output", im), ("target", s["target"])]
+            for j, (label, image) in enumerate(cols):
+                xj = x + j * (side + GAP)
+                big = Image.fromarray(np.asarray(image)).resize((side, side), Image.NEAREST)
+                pen.text((xj, y), label, fill=(200, 200, 200), font=font)
+                frame = [xj - 1, y + LINE - 1, xj + side, y + LINE + side]
+                pen.rectangle(frame, outline=(120, 120, 120))
+                sheet.paste(big, (xj, y + LINE))
+                where[part, k, label] = (xj, top + y + LINE)
+            pen.multiline_text((x, y + LINE + side + GAP), "\n".join(text), fill=(230, 230, 230),
+                               font=font)
+        bands.append(sheet)
+    picture = Image.new("RGB", (max(b.width for b in bands), sum(b.height for b in bands)))
+    for k, band in enumerate(bands):
+        picture.paste(band, (0, sum(b.height for b in bands[:k])))
+    save_atomic(path, lambda f: picture.save(f, format="PNG"))
+    return where
+
+
+def save_atomic(path, write):
+    """write(file) into path's folder under a temporary name, then rename: a reader never sees half
+    a file, and a failed write leaves the old one as it was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- --compare
+
+def tuning_texts(folder):
+    """The instruction texts of a dataset folder's train split."""
+    ds = synth.Dataset(folder)  # a clear error if it is not a complete synth.py dataset
+    return frozenset(r["text"] for r in ds.records() if r["split"] == "train")
+
+
+# (column, split, metric) of the comparison table, the shape of the Uni-Edit paper's
+COLUMNS = [("VQA acc val", "val", "vqa_acc"), ("VQA acc test_ood", "test_ood", "vqa_acc"),
+           ("ShapeEval-strict val", "val", "shapeeval"),
+           ("ShapeEval GenEval-rule val", "val", "shapeeval_geneval"),
+           ("simple-edit success val", "val", "edit_success"),
+           ("simple-edit overall val", "val", "edit_overall"),
+           ("intelligent-edit success val", "val", "uniedit_success"),
+           ("intelligent-edit overall val", "val", "uniedit_overall"),
+           ("intelligent-edit success test_ood", "test_ood", "uniedit_success"),
+           ("intelligent, unseen instructions, success val", "val", "uniedit_unseen_success"),
+           ("self-consistency val", "val", "self_consistency")]
+
+
+def read_result(path):
+    """An eval.json, or a one-line error naming it."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path} is missing: run eval.py --out {path}")
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-run eval.py "
+                         f"--out {path}") from None
+    for key in ("counts", "metrics", "items"):
+        if not isinstance(r, dict) or key not in r:
+            raise ValueError(f"{path} has no {key!r}: not an eval.json of this eval.py (re-run "
+                             f"eval.py --out {path})")
+    return r
+
+
+def compare(folder, rows):
+    """Markdown: mean ± std over seeds of folder/<row>_s<seed>/eval_<split>.json for each row, the
+    chance rows of the same sets, and each row's paired bootstrap difference from the first."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--compare folder {folder} does not exist")
+    runs, results = {}, {}
+    for row in rows:
+        seeded = [d.rpartition("_s") for d in sorted(os.listdir(folder))]  # <row>_s<seed>
+        runs[row] = [f"{r}_s{seed}" for r, _, seed in seeded if r == row and seed.isdigit()]
+        if not runs[row]:
+            raise ValueError(f"no {row}_s<seed> folders in {folder}")
+        for run in runs[row]:
+            for split in ("val", "test_ood"):
+                results[run, split] = read_result(os.path.join(folder, run, f"eval_{split}.json"))
+    first = runs[rows[0]][0]
+    for (run, split), r in results.items():  # paired differences need the very same items
+        same = results[first, split]["counts"]
+        if r["counts"] | {"seed": 0} != same | {"seed": 0}:
+            raise ValueError(f"{folder}/{run}/eval_{split}.json was scored on other sets than "
+                             f"{folder}/{first}: {r['counts']} vs {same}")
+    head = "| model | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |"
+    rule = "|---" * (len(COLUMNS) + 2) + "|"
+    lines = [head, rule]
+    for row in rows:
+        cells = []
+        for _, split, key in COLUMNS:
+            vals = [results[run, split]["metrics"][key]["value"] for run in runs[row]]
+            vals = [v for v in vals if v is not None]
+            sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+            cells.append(f"{np.mean(vals):.3f}{sd}" if vals else "-")
+        lines.append(f"| {row} | {len(runs[row])} | " + " | ".join(cells) + " |")
+    for name in results[first, "val"].get("chance", {}):
+        cells = [num(results[first, split].get("chance", {}).get(name, {}).get(key))
+                 for _, split, key in COLUMNS]
+        lines.append(f"| chance: {name} | - | " + " | ".join(cells) + " |")
+    if len(rows) > 1:
+        lines += ["", f"Difference from {rows[0]}, paired bootstrap 95% interval over the same "
+                  "items and seeds (* : excludes 0):", "", head, rule]
+        for row in rows[1:]:
+            cells = [paired_difference(results, runs[rows[0]], runs[row], split, key)
+                     for _, split, key in COLUMNS]
+            lines.append(f"| {row} | {len(runs[row])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_difference(results, runs_a, runs_b, split, key):
+    """'+d [lo, hi]' for mean over b's seeds minus mean over a's: items resampled the same for
+    every run, seeds resampled together when both rows have the same seeds (else each row's own)."""
+    part = METRICS[key][1]
+    n = len(results[runs_a[0], split]["items"].get(part, {}).get("index", []))
+    if n == 0:
+        return "-"
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, n, (RESAMPLES, n))
+    seeds = lambda runs: [r.rpartition("_s")[2] for r in runs]
+    sa = rng.integers(0, len(runs_a), (RESAMPLES, len(runs_a)))
+    sb = rng.integers(0, len(runs_b), (RESAMPLES, len(runs_b)))
+    if seeds(runs_a) == seeds(runs_b):  # the same seeds: resample them together, paired
+        sb = sa
+
+    def row(runs, s):  # (point value, (RESAMPLES,) resampled values) of a row's mean over seeds
+        per_run = np.stack([statistic(key, results[r, split]["items"], idx) for r in runs])
+        point = np.mean([statistic(key, results[r, split]["items"])[0] for r in runs])
+        return point, per_run[s, np.arange(RESAMPLES)[:, None]].mean(1)
+    (pa, ra), (pb, rb) = row(runs_a, sa), row(runs_b, sb)
+    diff = rb - ra
+    diff = diff[np.isfinite(diff)]
+    if not np.isfinite(pb - pa) or not len(diff):
+        return "-"
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return f"{pb - pa:+.3f} [{lo:+.3f}, {hi:+.3f}]" + ("*" if lo > 0 or hi < 0 else "")
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def tuning_texts(folder):
-    """The instruction texts of a dataset folder's train split."""
-    ds = synth.Dataset(folder)  # checks the folder: a clear error if it is not a complete synth.py dataset
-    return frozenset(r["text"] for r in ds.records() if r["split"] == "train")
-
-
-# (column, split, path into eval.json) of the comparison table, the shape of the Uni-Edit paper's
-COLUMNS = [("VQA acc val", "val", ("understanding", "accuracy")),
-           ("VQA acc test_ood", "test_ood", ("understanding", "accuracy")),
-           ("ShapeEval val", "val", ("generation", "overall")),
-           ("simple-edit success val", "val", ("editing", "simple", "success")),
-           ("simple-edit overall val", "val", ("editing", "simple", "overall")),
-           ("intelligent-edit success val", "val", ("editing", "intelligent", "success")),
-           ("intelligent-edit overall val", "val", ("editing", "intelligent", "overall")),
-           ("intelligent-edit success test_ood", "test_ood", ("editing", "intelligent", "success")),
-           ("intelligent, unseen instructions, success val", "val", ("editing", "intelligent", "unseen", "success")),
-           ("consistency val", "val", ("editing", "intelligent", "consistency"))]
-
-
-def compare(folder, rows):
-    """Markdown table, mean ± std over seeds, of folder/<row>_s<seed>/eval_<split>.json for each row."""
-    lines = ["| model | seeds | " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
-    def result(run, split):
-        f = os.path.join(folder, run, f"eval_{split}.json")
-        if not os.path.exists(f):
-            raise ValueError(f"{f} is missing: run eval.py --split {split} --out {f}")
-        with open(f) as fh:
-            return json.load(fh)
-
-    for row in rows:
-        runs = [d for d in sorted(os.listdir(folder))
-                if d.rpartition("_s")[0] == row and d.rpartition("_s")[2].isdigit()]  # <row>_s<seed>
-        if not runs:
-            raise ValueError(f"no {row}_s<seed> folders in {folder}")
-        results = [{split: result(run, split) for split in ("val", "test_ood")} for run in runs]
-        cells = []
-        for _, split, path in COLUMNS:
-            vals = [reduce(operator.getitem, path, r[split]) for r in results]  # r[split][path[0]]...
-            sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
-            cells.append(f"{np.mean(vals):.3f}{sd}")
-        lines.append(f"| {row} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a nanoUMM checkpoint (see the module docstring).")
+    p = argparse.ArgumentParser(description="Score a nanoUMM checkpoint (see the docstring).")
     p.add_argument("--ckpt", help="a step_NNNNNN folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--compare", metavar="FOLDER", help="instead of scoring: print the table, mean ± std over "
-                   "seeds, of FOLDER/<row>_s<seed>/eval_{val,test_ood}.json for each of --rows")
-    p.add_argument("--rows", default="base,simple_edit,mixed,uniedit", help="--compare's rows, comma-separated")
+    p.add_argument("--baseline", help="instead of a checkpoint, a chance row: one of "
+                   + ", ".join(BASELINES))
+    p.add_argument("--world", default="tiny", help="--baseline's world")
+    p.add_argument("--compare", metavar="FOLDER", help="instead of scoring: print the table, "
+                   "mean ± std over seeds, of FOLDER/<row>_s<seed>/eval_{val,test_ood}.json "
+                   "for --rows")
+    p.add_argument("--rows", default="base,simple_edit,mixed,uniedit",
+                   help="--compare's rows, comma-separated")
     p.add_argument("--weights", default="ema", help="ema (default) or model (the raw weights)")
     p.add_argument("--split", default="val", choices=("val", "test", "test_ood", "train"))
-    p.add_argument("--n", type=int, default=500, help="VQA questions")
-    p.add_argument("--n_t2i", type=int, default=112, help="T2I prompts, split evenly over the 7 families")
+    p.add_argument("--n", type=int, default=1000, help="VQA questions")
+    p.add_argument("--n_t2i", type=int, default=112, help="T2I prompts, as many per family (7)")
     p.add_argument("--samples_per_prompt", type=int, default=4)
-    p.add_argument("--n_edit", type=int, default=150, help="simple edits, and as many intelligent edits")
+    p.add_argument("--n_edit", type=int, default=250, help="simple edits, as many intelligent ones")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
-    p.add_argument("--unseen_from", default="", help="a synth.py dataset folder (the tuning set): intelligent "
-                                                     "edits whose instruction is in its train split are not unseen")
-    p.add_argument("--out", help="results JSON (eval.md is written beside it); default in the checkpoint folder")
+    p.add_argument("--unseen_from", default="", help="a synth.py dataset folder (the tuning set): "
+                   "intelligent edits whose instruction is in its train split are not unseen")
+    p.add_argument("--out", help="results JSON (eval.md and eval.png beside it); default in the "
+                   "checkpoint folder, or out/chance/NAME/ for --baseline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for k, v in asdict(Sampling()).items():
         p.add_argument(f"--{k}", type=type(v), default=v)
@@ -459,28 +866,42 @@ def main(argv=None):
         if a.compare:
             print(compare(a.compare, a.rows.split(",")), end="")
             return
-        if not a.ckpt:
-            raise ValueError("pass --ckpt CHECKPOINT (or --compare FOLDER)")
+        if (a.ckpt is None) == (a.baseline is None):
+            raise ValueError("pass --ckpt CHECKPOINT or --baseline NAME (or --compare FOLDER)")
+        if a.baseline is not None and a.baseline not in BASELINES:
+            raise ValueError(f"unknown --baseline {a.baseline!r}: choose one of "
+                             f"{', '.join(BASELINES)}")
         for k in ("n", "n_t2i", "samples_per_prompt", "n_edit"):
             if getattr(a, k) < 1:
                 raise ValueError(f"--{k} must be at least 1, got {getattr(a, k)}")
         sampling = Sampling(**{k: getattr(a, k) for k in asdict(Sampling())})
         seen = tuning_texts(a.unseen_from) if a.unseen_from else frozenset()
-        model, tok, world, ckpt, meta = load(a.ckpt, a.weights, a.device)
-        r = evaluate(model, tok, world, a.split, a.n, a.n_t2i, a.samples_per_prompt, a.n_edit, a.seed, a.device,
-                     sampling, seen=seen)
+        name = "eval.json" if a.split == "val" else f"eval_{a.split}.json"
+        if a.baseline:
+            world = synth.get_world(a.world)
+            model, tok, step = Baseline(a.baseline, world, a.seed), None, None
+            ckpt = f"baseline {a.baseline}"
+            out = a.out or os.path.join("out", "chance", a.baseline, name)
+        else:
+            model, tok, world, ckpt, meta = load(a.ckpt, a.weights, a.device)
+            step = meta.get("step")
+            out = a.out or os.path.join(ckpt, name)
+        stem = os.path.splitext(out)[0]
+        for path in (out, stem + ".md", stem + ".png"):  # before any compute, not after it
+            synth.check_writable(path, "results file")
+        r = evaluate(model, tok, world, a.split, a.n, a.n_t2i, a.samples_per_prompt, a.n_edit,
+                     a.seed, a.device, sampling, seen=seen, picture=stem + ".png")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    r = {"checkpoint": ckpt, "step": meta.get("step"), "weights": a.weights, "unseen_from": a.unseen_from, **r}
-    out = a.out or os.path.join(ckpt, "eval.json" if a.split == "val" else f"eval_{a.split}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(r, f, indent=1)
-    md = to_markdown(r, f"nanoUMM eval: {ckpt} (step {r['step']}, {a.weights} weights)")
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(md)
+    r = {"checkpoint": ckpt, "step": step, "weights": None if a.baseline else a.weights,
+         "unseen_from": a.unseen_from, **r}
+    what = ckpt if a.baseline else f"{ckpt} (step {step}, {a.weights} weights)"
+    md = to_markdown(r, f"nanoUMM eval: {what}")
+    save_atomic(out, lambda f: f.write(json.dumps(r, indent=1).encode()))
+    save_atomic(stem + ".md", lambda f: f.write(md.encode()))
     print(md)
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
+    drew = any(part in r["items"] for part in ("t2i", "scene", "simple", "intelligent"))
+    print(f"wrote {out} and {stem}.md" + (f" and {stem}.png" if drew else ""))
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ class UMMConfig:
     width: int = 128  # the size dial: depth = width // 32 and heads = width // 64 unless set
     depth: int = 0
     heads: int = 0
-    image_size: int = 32  # px per side, that of the synth world
-    patch: int = 8  # px per patch side; the world's cell size gives one token per cell
+    image_size: int = 64  # px per side, that of the synth world
+    patch: int = 16  # px per patch side; the world's cell size gives one token per cell
     enc_depth: int = 2  # semantic ViT encoder blocks
     head_depth: int = 2  # adaLN flow-head blocks
     # Each layout's fixed text slot, in tokens. synth's longest texts: a probe question + SEP
@@ -105,7 +105,7 @@ class UMMConfig:
 
 
 PRESETS = {
-    "tiny": UMMConfig(width=128, image_size=32, patch=8),  # CPU, the 32x32 tiny world
+    "tiny": UMMConfig(width=128, image_size=64, patch=16),  # CPU, the tiny world, a patch per cell
     "small": UMMConfig(width=384, image_size=64, patch=8),  # one GPU, the 64x64 default world
     "base": UMMConfig(width=640, image_size=64, patch=8),  # a few GPUs
 }

@@ -200,8 +200,8 @@ def main(argv=None):
                 save(im, os.path.join(a.out, f"gen_{k:02d}.png"))
             print(f"wrote {a.n} images and {save(row(list(images)), os.path.join(a.out, 'grid.png'), 4)}")
             if truth:
-                right = sum(ev.judge_t2i(im, truth, world)["correct"] for im in images)
-                print(f"ShapeEval: {right}/{a.n} images satisfy every clause of the prompt")
+                right = sum(ev.judge_t2i(im, truth, world)["strict"] for im in images)
+                print(f"ShapeEval-strict: {right}/{a.n} images hold exactly the prompt's objects")
         else:
             steps = [image]
             save(image, os.path.join(a.out, "step_0.png"))
@@ -213,7 +213,7 @@ def main(argv=None):
                 save(truth["target"], os.path.join(a.out, "target.png"))
                 j = ev.judge_edit(steps[-1], truth, world)
                 print(f"edit {'succeeded' if j['success'] else 'failed'}: {j['followed']}/{j['should_change']} cells "
-                      f"changed as the target, {j['kept']}/{j['should_stay']} objects kept "
+                      f"changed as the target, {j['kept']}/{j['should_stay']} other cells kept "
                       f"(target: {a.out}/target.png)")
                 steps.append(truth["target"])
             print(f"strip: {save(row(steps), os.path.join(a.out, 'strip.png'), 4)}")

@@ -7,7 +7,8 @@ into a scene, so it can judge generation and editing.
 
 Tasks, each a pure function of (world, task, split, index, seed) -- see `make_sample`:
   vqa      understanding: a question program over the scene, a one-word answer
-  t2i      generation: a prompt plus include/exclude clauses any image can be judged by
+  t2i      generation: a prompt plus GenEval's include/exclude clauses and the exact set of
+           objects it describes, by which any image can be judged
   edit     simple edits: add/remove/recolor/resize/reshape/move/swap, object named directly
   uniedit  intelligent edits (the Uni-Edit task): a VQA program embedded in the instruction,
            so the edit is right only if the question is answered right; the question and its
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, asdict
 from functools import lru_cache
@@ -34,18 +36,30 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 1
+VERSION = 2  # 2: the 64 px tiny world and new templates; datasets of version 1 are refused
 TASKS = ("vqa", "t2i", "edit", "uniedit")
 SPLITS = ("train", "val", "test", "test_ood")
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[BOI]", "[EOI]", "[SEP]", "[UNK]")
 
 # ----------------------------------------------------------------------------- world
 
-PALETTE = {  # far apart in RGB, so a noisy pixel still has an unambiguous nearest color
+PALETTE = {  # at least 127 apart in RGB, so a noisy pixel still has an unambiguous nearest color
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
     "magenta": (255, 0, 255), "cyan": (0, 255, 255), "orange": (255, 128, 0),
     "white": (255, 255, 255),
 }
+
+# Pixels each shape spans in its cell, per size: the circle's diameter, the square's side, the
+# triangle's and diamond's height, the cross's arm length (its bars are BAR_PX wide). Chosen so that
+# any two (shape, size) templates differ in at least TEMPLATE_MARGIN of the pixels of their union,
+# even offset by up to 2 px (the parser tries +-1 px on each; measured minimum 0.29), and so that a
+# 3x3 blur leaves every template nearer itself than any other: 48 px cells could not do both.
+SHAPE_PX = (("large", (("circle", 15), ("square", 11), ("triangle", 13), ("diamond", 15),
+                       ("cross", 15))),
+            ("small", (("circle", 9), ("square", 7), ("triangle", 9), ("diamond", 7),
+                       ("cross", 9))))
+BAR_PX = 3  # 3 px bars survive a 3x3 blur; 1 px ones vanish
+TEMPLATE_MARGIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,7 @@ class World:
     name: str
     size: int  # image side in px
     grid: int  # cells per side
-    side_px: tuple = (("large", 13), ("small", 7))  # box side of each object size, in px
+    shape_px: tuple = SHAPE_PX  # needs cells of 16 px: the largest span plus a 1 px gutter
     shapes: tuple = ("circle", "square", "triangle", "diamond", "cross")
     colors: tuple = tuple(PALETTE)
     max_objects: int = 5  # train/val/test scenes; test_ood also has max_objects + 1
@@ -66,12 +80,12 @@ class World:
 
     @property
     def sizes(self):
-        return tuple(s for s, _ in self.side_px)
+        return tuple(s for s, _ in self.shape_px)
 
 
-WORLDS = {
+WORLDS = {  # the tiny model reads the same pixels as the small and base ones, one patch per cell
     "default": World("default", size=64, grid=4),
-    "tiny": World("tiny", size=32, grid=4, side_px=(("large", 7), ("small", 5))),
+    "tiny": World("tiny", size=64, grid=4),
 }
 
 
@@ -81,6 +95,12 @@ def get_world(world):
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}: choose one of {', '.join(WORLDS)}")
     return WORLDS[world]
+
+
+def world_from_json(d):
+    """A World from its asdict() after a JSON round trip (lists back to tuples, at any depth)."""
+    tuples = lambda v: tuple(map(tuples, v)) if isinstance(v, list) else v
+    return World(**{k: tuples(v) for k, v in d.items()})
 
 
 class Obj(NamedTuple):
@@ -108,31 +128,32 @@ class Scene:
 
 @lru_cache(maxsize=None)
 def templates(world):
-    """(shape, size) -> bool (cell, cell) mask, drawn once with Pillow; rendering stamps them."""
-    c, out = world.cell, {}
-    for size, side in world.side_px:
-        o = (c - 1 - side) // 2  # centred, leaving the cell's last row/column as a gutter
-        x0, x1 = o, o + side - 1
-        m = (x0 + x1) / 2
+    """(shape, size) -> bool (cell, cell) mask; rendering stamps them. Each shape is centred on
+    the pixel (c - 2) // 2, so odd spans are symmetric and the cell's last row and column stay
+    empty: a gutter between neighbours."""
+    c = world.cell
+    spans = {size: dict(px) for size, px in world.shape_px}
+    if max(max(px.values()) for px in spans.values()) > c - 1:
+        raise ValueError(f"world {world.name!r}: shapes of {spans} px need cells of at least "
+                         f"{max(max(px.values()) for px in spans.values()) + 1} px, not {c}")
+    m = (c - 2) // 2
+    dy, dx = np.mgrid[0:c, 0:c] - m  # offsets from the centre pixel
+    out = {}
+    for size, px in spans.items():
         for shape in world.shapes:
-            im = Image.new("L", (c, c), 0)
-            d = ImageDraw.Draw(im)
+            h = px[shape] // 2
             if shape == "circle":
-                d.ellipse([x0, x0, x1, x1], fill=255)
+                mask = dx ** 2 + dy ** 2 <= (px[shape] / 2) ** 2
             elif shape == "square":
-                d.rectangle([x0, x0, x1, x1], fill=255)
-            elif shape == "triangle":
-                d.polygon([(x0, x1), (x1, x1), (m, x0)], fill=255)
+                mask = (abs(dx) <= h) & (abs(dy) <= h)
+            elif shape == "triangle":  # apex up, widening by 2 px every 2 rows
+                mask = (abs(dy) <= h) & (abs(dx) <= (dy + h) // 2)
             elif shape == "diamond":
-                d.polygon([(m, x0), (x1, m), (m, x1), (x0, m)], fill=255)
-            elif shape == "cross":
-                t = (side // 3) | 1  # odd bar width keeps the cross symmetric
-                a = o + (side - t) // 2
-                d.rectangle([a, x0, a + t - 1, x1], fill=255)
-                d.rectangle([x0, a, x1, a + t - 1], fill=255)
-            out[shape, size] = np.array(im) > 0
-    masks = list(out.values())
-    assert all((a != b).any() for i, a in enumerate(masks) for b in masks[i + 1:]), "templates collide"
+                mask = abs(dx) + abs(dy) <= h
+            else:  # cross
+                bar = BAR_PX // 2
+                mask = ((abs(dx) <= bar) & (abs(dy) <= h)) | ((abs(dy) <= bar) & (abs(dx) <= h))
+            out[shape, size] = mask
     return out
 
 
@@ -150,58 +171,98 @@ def render(scene, world="default"):
 _PAL = np.array([(0, 0, 0)] + list(PALETTE.values()), np.float32)  # index 0 is the background
 _PAL_NAMES = [None] + list(PALETTE)
 
+# The parser's gates. A cell reads as an object only when every gate passes, else it is malformed.
+INK = 64.0  # a pixel is ink (something is drawn there) when it and the mean of its 3x3
+# neighbourhood are this far from black: a quarter of a primary's brightness; the mean ignores
+# isolated noise
+COLOR_GATE = 60.0  # the object's mean color lies this close to its palette color; a palette color
+# dimmed by any factor or brightened up to 1.4x stays >= 89 from every other one, so noise has ~30
+AGREE = 0.8  # share of the object's pixels whose nearest palette color is the majority's
+SHAPE_GATE = 0.12  # Jaccard distance (share of the union's pixels that differ) to the best template
+SHAPE_WIN = 0.05  # ... and the best other (shape, size) must be this much farther
+# So a reading is never wrong for a drawing within TEMPLATE_MARGIN - SHAPE_GATE = 0.13 of its
+# template: the triangle inequality of the Jaccard distance puts every other one beyond the gate.
 
-def parse(image, world="default", color_gate=90.0, iou_gate=0.6):
-    """Image -> Scene. Per cell: foreground = pixels nearest a palette color (not black);
-    too few of them = empty; otherwise the majority color (gated by distance and agreement)
-    and the best-matching (shape, size) template by IoU over +-1 px shifts (gated). A cell
-    that fails a gate is `malformed`: never an exception, whatever the image holds."""
+
+def parse(image, world="default"):
+    """Image -> Scene, cell by cell. A cell with almost no ink is empty. Otherwise its foreground
+    (pixels nearest a palette color other than black) must agree on one color whose mean is near
+    the palette's, and match one (shape, size) template, at the best of +-1 px shifts, closely and
+    clearly better than any other; if not, the cell is `malformed`, never misread and never an
+    exception, whatever the image holds."""
     w = get_world(world)
     img = np.asarray(image)
     if img.shape != (w.size, w.size, 3):
-        raise ValueError(f"parse: image has shape {img.shape}, world {w.name!r} needs ({w.size}, {w.size}, 3)")
-    x = img.astype(np.float32).reshape(-1, 1, 3)
-    d2 = ((x - _PAL[None]) ** 2).sum(-1)  # (H*W, 9)
+        raise ValueError(f"parse: image has shape {img.shape}, world {w.name!r} needs "
+                         f"({w.size}, {w.size}, 3)")
+    x = img.astype(np.float32).reshape(-1, 3)
+    # squared distance to each palette color, |x|^2 - 2 x.p + |p|^2: exact, all terms are integers
+    d2 = (x * x).sum(1, keepdims=True) - 2 * x @ _PAL.T + (_PAL * _PAL).sum(1)  # (H*W, 9)
     near = d2.argmin(1).reshape(w.size, w.size)
-    dist = np.sqrt(d2.min(1)).reshape(w.size, w.size)
-    keys, tm = _template_stack(w)
-    min_area = min(int(m.sum()) for m in templates(w).values())
+    black = np.sqrt(d2[:, 0]).reshape(w.size, w.size)  # each pixel's distance from black
+    around = sum(shifted(black, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    ink = (black >= INK) & (around >= INK)
+    keys, stack = _template_stack(w)
+    min_ink = min(int(m.sum()) for m in templates(w).values()) // 4
     c, objs, bad = w.cell, [], []
     for r in range(w.grid):
         for col in range(w.grid):
-            cn = near[r * c:(r + 1) * c, col * c:(col + 1) * c]
-            fg = cn > 0
-            n = int(fg.sum())
-            if n < min_area // 2:  # a few stray pixels are noise, not an object
+            cell = np.s_[r * c:(r + 1) * c, col * c:(col + 1) * c]
+            if ink[cell].sum() < min_ink:  # a few stray pixels are noise, not an object
                 continue
-            counts = np.bincount(cn[fg], minlength=len(_PAL))
-            k = int(counts.argmax())
-            cd = dist[r * c:(r + 1) * c, col * c:(col + 1) * c][cn == k]
-            iou = (tm & fg).sum((1, 2)) / (tm | fg).sum((1, 2))
-            best = int(iou.argmax())
-            if counts[k] < 0.8 * n or cd.mean() > color_gate or iou[best] < iou_gate:
+            obj = _read_cell(img[cell], near[cell], keys, stack)
+            if obj is None:
                 bad.append((r, col))
-                continue
-            shape, size = keys[best]
-            objs.append(Obj(shape, _PAL_NAMES[k], size, r, col))
+            else:
+                objs.append(Obj(obj[0], obj[1], obj[2], r, col))
     return Scene(tuple(objs), tuple(bad))
+
+
+def _read_cell(pixels, near, keys, stack):
+    """(shape, color, size) of one cell's object, or None when a gate fails."""
+    fg = near > 0
+    n = int(fg.sum())
+    if n == 0:
+        return None
+    votes = np.bincount(near[fg], minlength=len(_PAL))
+    k = int(votes.argmax())
+    mean = pixels[near == k].astype(np.float32).mean(0)
+    if votes[k] < AGREE * n or np.sqrt(((mean - _PAL[k]) ** 2).sum()) > COLOR_GATE:
+        return None
+    dist = 1 - (stack & fg).sum((1, 2)) / (stack | fg).sum((1, 2))  # Jaccard distance, per shift
+    best = {}
+    for key, d in zip(keys, dist):
+        best[key] = min(best.get(key, 1.0), d)
+    first, second = sorted(best, key=best.get)[:2]
+    if best[first] > SHAPE_GATE or best[second] - best[first] < SHAPE_WIN:
+        return None
+    return first[0], _PAL_NAMES[k], first[1]
 
 
 @lru_cache(maxsize=None)
 def _template_stack(w):
-    """Every template at every +-1 px shift: (K, cell, cell) plus its (shape, size) keys.
-    The unshifted ones come first, so an exact render matches them before any shift."""
+    """Every template at every +-1 px shift: (K, cell, cell) plus its (shape, size) keys."""
     keys, stack = [], []
-    shifts = [(0, 0)] + [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     for dy, dx in shifts:
         for k, m in templates(w).items():
             keys.append(k)
-            shifted = np.zeros_like(m)  # shift with zero fill, not np.roll's wrap-around
-            c = m.shape[0]
-            shifted[max(dy, 0):c + min(dy, 0), max(dx, 0):c + min(dx, 0)] = \
-                m[max(-dy, 0):c + min(-dy, 0), max(-dx, 0):c + min(-dx, 0)]
-            stack.append(shifted)
+            stack.append(shifted(m, dy, dx))
     return keys, np.stack(stack)
+
+
+def shifted(a, dy, dx):
+    """`a` moved by (dy, dx) px along its first two axes, filled with zeros (np.roll would wrap)."""
+    h, w = a.shape[:2]
+    out = np.zeros_like(a)
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        a[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def template_distance(a, b):
+    """Jaccard distance of two masks: the share of the pixels of their union where they differ."""
+    return float((a ^ b).sum() / (a | b).sum())
 
 
 # ----------------------------------------------------------------------------- programs
@@ -211,7 +272,8 @@ def _template_stack(w):
 #   reference  ["the", desc] | ["rel", "left"|"right"|"above"|"below", ref] | ["near", ref]
 #              | ["far", ref] | ["most", "left"|"right"|"top"|"bottom"]      -> exactly one object
 #   set        ["all", desc] | ["or", desc, desc] | ["and", desc, desc]
-#   question   ["query", attr, ref] | ["exist", desc] | ["count", set] | ["pos", "row"|"column", ref]
+#   question   ["query", attr, ref] | ["exist", desc] | ["count", set]
+#              | ["pos", "row"|"column", ref]
 #              | ["same", attr, ref] | ["compare", "more"|"fewer"|"equal", set, set]
 #              | ["equal", attr, ref, ref]                                  -> a one-word answer
 
@@ -293,7 +355,8 @@ def plural(word):
 def noun(desc, many=False):
     """{"size": "small", "color": "red"} -> "small red object" (or "objects")."""
     head = desc.get("shape", "object")
-    return " ".join([desc[k] for k in ("size", "color") if k in desc] + [plural(head) if many else head])
+    words = [desc[k] for k in ("size", "color") if k in desc]
+    return " ".join(words + [plural(head) if many else head])
 
 
 def a_(phrase):
@@ -357,9 +420,10 @@ def allowed(o, w, split):
 
 
 def rand_obj(rng, w, split, cell, **fixed):
-    """A random object in `cell` with some attributes fixed, never a held-out combo outside test_ood."""
+    """A random object in `cell`, some attributes fixed, never a held-out combo outside test_ood."""
     for _ in range(50):
-        o = Obj(fixed.get("shape") or rng.choice(w.shapes), fixed.get("color") or rng.choice(w.colors),
+        o = Obj(fixed.get("shape") or rng.choice(w.shapes),
+                fixed.get("color") or rng.choice(w.colors),
                 fixed.get("size") or rng.choice(w.sizes), *cell)
         if allowed(o, w, split):
             return o
@@ -401,13 +465,14 @@ def make_ref(rng, objs, t, hops, avoid=()):
     if hops == 0:
         d = describe(t, objs, rng, avoid)
         return d and ["the", d]
-    cands = [(kind, a) for a in objs if a != t for kind in ("left", "right", "above", "below", "near", "far")]
+    kinds = ("left", "right", "above", "below", "near", "far")
+    cands = [(kind, a) for a in objs if a != t for kind in kinds]
     rng.shuffle(cands)
     for kind, a in cands:
         if kind in STEP and (a.row + STEP[kind][0], a.col + STEP[kind][1]) != (t.row, t.col):
             continue
         inner = make_ref(rng, objs, a, hops - 1)
-        if inner is None or t in chain(inner, objs):  # never "the object next to the object next to t"
+        if inner is None or t in chain(inner, objs):  # never "the object next to the one next to t"
             continue
         ref = ["rel", kind, inner] if kind in STEP else [kind, inner]
         try:
@@ -478,7 +543,8 @@ def vqa_extreme(rng, w, split):
 
 
 def rand_desc(rng, w, n_attrs):
-    return {k: rng.choice(values(w, k)) for k in sorted(rng.sample(ATTRS, n_attrs), key=ATTRS.index)}
+    keys = sorted(rng.sample(ATTRS, n_attrs), key=ATTRS.index)
+    return {k: rng.choice(values(w, k)) for k in keys}
 
 
 def fill(rng, w, split, objs, n, avoid):
@@ -516,7 +582,8 @@ def vqa_exist(rng, w, split):
 
     def build():
         d = rand_desc(rng, w, rng.choice((2, 2, 3)))
-        objs = fill(rng, w, split, place(rng, w, split, int(yes), d), rng.randint(1, max_objects(w, split) - 1), [d])
+        objs = fill(rng, w, split, place(rng, w, split, int(yes), d),
+                    rng.randint(1, max_objects(w, split) - 1), [d])
         return objs, ["exist", d], 0
     return _retry(build)
 
@@ -554,13 +621,17 @@ def two_descs(rng, w, same_attr):
     """Two single-attribute descs: over one attribute (disjoint sets) or two (overlapping)."""
     a1 = rng.choice(ATTRS if same_attr else ("color", "size"))
     a2 = a1 if same_attr else ("size" if a1 == "color" else "color")
-    v1, v2 = rng.sample(values(w, a1), 2) if same_attr else (rng.choice(values(w, a1)), rng.choice(values(w, a2)))
+    if same_attr:
+        v1, v2 = rng.sample(values(w, a1), 2)
+    else:
+        v1, v2 = rng.choice(values(w, a1)), rng.choice(values(w, a2))
     return {a1: v1}, {a2: v2}
 
 
 def vqa_compare(rng, w, split):
     op, yes = rng.choice(("more", "fewer", "equal")), rng.random() < 0.5
-    truth = {"more": lambda a, b: a > b, "fewer": lambda a, b: a < b, "equal": lambda a, b: a == b}[op]
+    truth = {"more": lambda a, b: a > b, "fewer": lambda a, b: a < b,
+             "equal": lambda a, b: a == b}[op]
     pairs = [(a, b) for a in range(4) for b in range(4) if 0 < a + b <= 4 and truth(a, b) == yes]
 
     def build():
@@ -578,9 +649,11 @@ def vqa_equal(rng, w, split):
     def build():
         objs = rand_scene(rng, w, split, lo=2)
         t1, t2 = rng.sample(objs, 2)
-        v = getattr(t1, attr) if yes else rng.choice([x for x in values(w, attr) if x != getattr(t1, attr)])
+        others = [x for x in values(w, attr) if x != getattr(t1, attr)]
+        v = getattr(t1, attr) if yes else rng.choice(others)
         objs[objs.index(t2)] = t2 = t2._replace(**{attr: v})
-        r1, r2 = make_ref(rng, objs, t1, 0, avoid=(attr,)), make_ref(rng, objs, t2, 0, avoid=(attr,))
+        r1 = make_ref(rng, objs, t1, 0, avoid=(attr,))
+        r2 = make_ref(rng, objs, t2, 0, avoid=(attr,))
         if r1 is None or r2 is None or not allowed(t2, w, split):
             raise Invalid
         return objs, ["equal", attr, r1, r2], 0
@@ -630,61 +703,115 @@ def gen_vqa(rng, w, split, family):
 
 
 # ----------------------------------------------------------------------------- T2I
-# GenEval's six categories plus full-scene captions. Clauses make any image checkable:
-#   ["count", desc, lo, hi]        lo <= #objects matching desc <= hi (hi None = no limit)
-#   ["rel", descA, dir, descB]     some A is left of/right of/above/below some B (by column/row)
-#   ["at", [shape, color, size], [row, col]]   that object in that cell
-# The training image holds exactly the objects the prompt names; anything the prompt leaves
-# free (color, size, cell) is drawn at random, and the judge does not look at it.
+# GenEval's six categories plus full-scene captions. Every prompt carries two checks any image can
+# be judged by:
+#   geneval    GenEval's metadata: "include" [{"shape", "count", "color"?, "position"?}] (at least
+#              count objects of the shape; the color of, and the position ["left of", i] relative
+#              to include i of, its `count` most salient ones) and "exclude" [{"shape", "count"}]
+#              (fewer than count); None for full-scene captions, which GenEval has no rule for
+#   describes  every object the prompt describes, as descs; full-scene captions name the cell too.
+#              Descs of one prompt are equal or exclusive, so counting matches them one to one.
+# The training image holds exactly the described objects; what the prompt leaves free (color,
+# size, cell) is drawn at random, and no judge looks at it.
 
 REL_T2I = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+POSITION_THRESHOLD = 0.1  # GenEval's: a centre offset is shrunk by this share of the boxes' sizes
 
 
-def holds(clause, objs):
-    kind = clause[0]
-    if kind == "count":
-        n = sum(matches(o, clause[1]) for o in objs)
-        return n >= clause[2] and (clause[3] is None or n <= clause[3])
-    if kind == "rel":
-        dr, dc = STEP[clause[2]]
-        return any(matches(a, clause[1]) and matches(b, clause[3]) and
-                   ((a.col - b.col) * dc > 0 if dc else (a.row - b.row) * dr > 0)
-                   for a in objs for b in objs)
-    return any(list(o[:3]) == list(clause[1]) and [o.row, o.col] == list(clause[2]) for o in objs)
+def box(o, w):
+    """An object's bounding box in the image, (x0, y0, x1, y1) with x1, y1 exclusive."""
+    ys, xs = np.nonzero(templates(w)[o.shape, o.size])
+    c = w.cell
+    x0, y0 = o.col * c + xs.min(), o.row * c + ys.min()
+    return x0, y0, o.col * c + xs.max() + 1, o.row * c + ys.max() + 1
 
 
-def satisfies(scene, clauses):
-    """GenEval's rule: an image is right iff it parses cleanly and every clause holds."""
-    return not scene.malformed and all(holds(c, scene.objects) for c in clauses)
+def relations(a, b, w):
+    """Where object a is relative to b, by GenEval's rule: on their boxes, the centre offset
+    shrunk by POSITION_THRESHOLD x their summed sides, and a direction holds only where it makes
+    up more than half of the offset's length, so it dominates ("left of" and "above" can both
+    hold on a diagonal)."""
+    ba, bb = np.array(box(a, w), float), np.array(box(b, w), float)
+    offset = (ba[:2] + ba[2:]) / 2 - (bb[:2] + bb[2:]) / 2  # (dx, dy), y grows downwards
+    dims = (ba[2:] - ba[:2]) + (bb[2:] - bb[:2])
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    return {name for name, on in (("left of", dx < -0.5), ("right of", dx > 0.5),
+                                  ("above", dy < -0.5), ("below", dy > 0.5)) if on}
+
+
+def salient(objs):
+    """Objects in the order a detector's confidence would list them: large ones first, then in
+    reading order (GenEval judges a prompt's `count` most confident detections)."""
+    return sorted(objs, key=lambda o: (o.size != "large", o.row, o.col))
+
+
+def geneval_holds(geneval, objs, w):
+    """GenEval's verdict: every include and exclude clause holds. Unreadable cells are no object
+    of any shape, as a detector would not see one; GenEval never looks at anything else."""
+    found = []  # per include: the objects it matched, or None
+    right = True
+    for req in geneval["include"]:
+        top = salient([o for o in objs if o.shape == req["shape"]])[:req["count"]]
+        ok = len(top) == req["count"]
+        if ok and "color" in req:
+            ok = sum(o.color == req["color"] for o in top) >= req["count"]
+        if ok and "position" in req:
+            rel, i = req["position"]
+            ok = found[i] is not None and all(rel in relations(o, t, w)
+                                              for o in top for t in found[i])
+        found.append(top if ok else None)
+        right &= ok
+    return right and all(sum(o.shape == req["shape"] for o in objs) < req["count"]
+                         for req in geneval["exclude"])
+
+
+def holds_exactly(describes, scene):
+    """The image holds the described objects and nothing else: no extra or unreadable object."""
+    if scene.malformed or len(scene.objects) != len(describes):
+        return False
+    counts = {}
+    for d in describes:
+        key = tuple(sorted(d.items()))
+        counts[key] = counts.get(key, 0) + 1
+    return all(sum(matches(o, dict(k)) for o in scene.objects) == n for k, n in counts.items())
 
 
 def t2i_family(rng, w, split, family):
+    """(objects, text, geneval, describes) of one GenEval-category prompt."""
     shapes = rng.sample(w.shapes, 2)
+    one = lambda d, **more: {"shape": d["shape"], "count": 1, **more}
     if family == "single_object":
         d = [{"shape": shapes[0]}]
-        text, clauses = a_(shapes[0]), [["count", d[0], 1, None]]
+        text, include, exclude = a_(shapes[0]), [one(d[0])], []
     elif family == "two_object":
         d = [{"shape": s} for s in shapes]
-        text, clauses = f"{a_(shapes[0])} and {a_(shapes[1])}", [["count", x, 1, None] for x in d]
+        text, include, exclude = f"{a_(shapes[0])} and {a_(shapes[1])}", [one(x) for x in d], []
     elif family == "counting":
         n = rng.randint(2, 4)
         d = [{"shape": shapes[0]}] * n
-        text, clauses = f"{n} {plural(shapes[0])}", [["count", d[0], n, n]]
+        text = f"{n} {plural(shapes[0])}"
+        include = [{"shape": shapes[0], "count": n}]
+        exclude = [{"shape": shapes[0], "count": n + 1}]
     elif family == "colors":
         d = [{"shape": shapes[0], "color": rng.choice(w.colors)}]
-        text, clauses = a_(noun(d[0])), [["count", d[0], 1, None]]
-    elif family == "position":
-        d, rel = [{"shape": s} for s in shapes], rng.choice(list(STEP))
-        text = f"{a_(shapes[0])} {REL_T2I[rel]} {a_(shapes[1])}"
-        clauses = [["count", d[0], 1, None], ["count", d[1], 1, None], ["rel", d[0], rel, d[1]]]
+        text, include, exclude = a_(noun(d[0])), [one(d[0], color=d[0]["color"])], []
+    elif family == "position":  # GenEval's order: the reference object, then the placed one
+        d, rel = [{"shape": s} for s in shapes], REL_T2I[rng.choice(list(STEP))]
+        text = f"{a_(shapes[0])} {rel} {a_(shapes[1])}"
+        include, exclude = [one(d[1]), one(d[0], position=[rel, 0])], []
     else:  # color_attr
         colors = rng.sample(w.colors, 2)
         d = [{"shape": s, "color": c} for s, c in zip(shapes, colors)]
-        text, clauses = f"{a_(noun(d[0]))} and {a_(noun(d[1]))}", [["count", x, 1, None] for x in d]
+        text = f"{a_(noun(d[0]))} and {a_(noun(d[1]))}"
+        include, exclude = [one(x, color=x["color"]) for x in d], []
     objs = place_all(rng, w, split, d)
-    if family == "position" and not holds(clauses[2], objs):
+    geneval = {"include": include, "exclude": exclude}
+    if not geneval_holds(geneval, objs, w):  # a position GenEval would not call that
         raise Invalid
-    return objs, text, clauses
+    return objs, text, geneval, d
 
 
 def place_all(rng, w, split, descs):
@@ -697,14 +824,17 @@ def place_all(rng, w, split, descs):
 def gen_t2i(rng, w, split, family):
     if family == "scene":
         objs = rand_scene(rng, w, split)
-        text = "; ".join(f"{a_(noun(o._asdict()))} in {cell_text(o[3:])}" for o in Scene.of(objs).objects)
-        clauses = [["at", list(o[:3]), [o.row, o.col]] for o in objs] + [["count", {}, len(objs), len(objs)]]
+        text = "; ".join(f"{a_(noun(o._asdict()))} in {cell_text(o[3:])}"
+                         for o in Scene.of(objs).objects)
+        geneval, describes = None, [o._asdict() for o in objs]
     else:
-        objs, text, clauses = _retry(lambda: t2i_family(rng, w, split, family))
-    return dict(target_scene=objs, text=text[0].upper() + text[1:] + ".", clauses=clauses)
+        objs, text, geneval, describes = _retry(lambda: t2i_family(rng, w, split, family))
+    return dict(target_scene=objs, text=text[0].upper() + text[1:] + ".", geneval=geneval,
+                describes=describes)
 
 
-T2I_FAMILIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "scene")
+T2I_FAMILIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr",
+                "scene")
 
 
 # ----------------------------------------------------------------------------- edits
@@ -714,6 +844,7 @@ T2I_FAMILIES = ("single_object", "two_object", "counting", "colors", "position",
 #   {"op": "move", "cells": [[r, c]], "to": [r, c]}     {"op": "swap", "cells": [[r, c], [r, c]]}
 
 CHANGE = {"recolor": "color", "reshape": "shape", "resize": "size"}
+IN_PLACE = ("recolor", "reshape", "resize", "remove")  # every action but a move
 
 
 def apply_atoms(objs, atoms):
@@ -731,15 +862,37 @@ def apply_atoms(objs, atoms):
             cur[to] = cur.pop(cells[0])._replace(row=to[0], col=to[1])
         elif at["op"] == "swap":
             (ra, ca), (rb, cb) = cells
-            cur[ra, ca], cur[rb, cb] = cur[rb, cb]._replace(row=ra, col=ca), cur[ra, ca]._replace(row=rb, col=cb)
+            a, b = cur[ra, ca], cur[rb, cb]
+            cur[ra, ca], cur[rb, cb] = b._replace(row=ra, col=ca), a._replace(row=rb, col=cb)
         else:
             for cell in cells:
                 cur[cell] = cur[cell]._replace(**{CHANGE[at["op"]]: at["value"]})
     return list(cur.values())
 
 
+# A sample's edit: the atoms applied and, for intelligent edits, how they follow from the answer
+# to the embedded question, so that `implied_target` can redo the edit for any other answer: a
+# branch ("then" if the answer is "if_answer", else "else"), an attribute or a count the answer
+# sets ("answer_sets"), or nothing (simple, location-referenced and quantified edits).
+
+
+def branches(branch, if_answer, then, otherwise):
+    return {"atoms": then if branch else otherwise, "branch": branch, "if_answer": if_answer,
+            "then": then, "else": otherwise, "answer_sets": None}
+
+
+def sets(what, atom):
+    return {"atoms": [atom], "branch": None, "if_answer": None, "then": None, "else": None,
+            "answer_sets": what}
+
+
+def fixed(atoms):
+    return {"atoms": atoms, "branch": None, "if_answer": None, "then": None, "else": None,
+            "answer_sets": None}
+
+
 def action(rng, w, objs, targets, ops=("recolor", "reshape", "resize", "remove", "move"), it=None):
-    """A visible change to `targets`: (atom, verb phrase naming them `it`, by default "it"/"them")."""
+    """A visible change to `targets`: (atom, verb phrase naming them `it`, else "it"/"them")."""
     many = len(targets) > 1 and it is None
     it = it or ("them" if many else "it")
     op = rng.choice([o for o in ops if o != "move" or not many])
@@ -784,8 +937,8 @@ def simple_edit(rng, w, split, family):
 
 def gen_edit(rng, w, split, family):
     objs, atoms, text = _retry(lambda: simple_edit(rng, w, split, family))
-    return dict(scene=objs, target_scene=apply_atoms(objs, atoms), text=text[0].upper() + text[1:] + ".",
-                edit={"atoms": atoms, "branch": None, "if_answer": None}, level=0)
+    return dict(scene=objs, target_scene=apply_atoms(objs, atoms),
+                text=text[0].upper() + text[1:] + ".", edit=fixed(atoms), level=0)
 
 
 EDIT_FAMILIES = ("add", "remove", "recolor", "resize", "reshape", "move", "swap")
@@ -799,7 +952,7 @@ EDIT_FAMILIES = ("add", "remove", "recolor", "resize", "reshape", "move", "swap"
 # L2 two hops or a comparison with two branches, L3 several atoms under quantifiers.
 
 P_TRUE = 0.6  # chance a condition holds; sets the no-op rate near 15% over the families
-
+# Each family returns (objs, text, probe program, level, edit).
 
 def condition(rng, w, attr, actual):
     """The value a condition tests for: the true answer with chance P_TRUE, else another one."""
@@ -818,9 +971,9 @@ def ie_conditional(rng, w, split):
         raise Invalid
     v, branch = condition(rng, w, q, getattr(t, q))
     atom, act = action(rng, w, objs, [t])
-    text = f"identify the {q} of {ref_text(ref)}. If it is {a_(v) if q == 'shape' else v}, {act}; " \
-           f"otherwise leave it unchanged"
-    return objs, [atom] if branch else [], text, ["query", q, ref], 1 + hops, (branch, v)
+    text = f"identify the {q} of {ref_text(ref)}. If it is {a_(v) if q == 'shape' else v}, " \
+           f"{act}; otherwise leave it unchanged"
+    return objs, text, ["query", q, ref], 1 + hops, branches(branch, v, [atom], [])
 
 
 def ie_synthesis(rng, w, split):
@@ -835,27 +988,33 @@ def ie_synthesis(rng, w, split):
         raise Invalid
     named = noun({k: getattr(new, k) for k in ATTRS if k != q})  # "small cross", "red object"
     text = f"add {a_(named)} in {cell_text(cell)} with the same {q} as {ref_text(ref)}"
-    return objs, [{"op": "add", "cells": [list(cell)], "obj": list(new[:3])}], text, \
-        ["query", q, ref], 1 + hops, (None, None)
+    atom = {"op": "add", "cells": [list(cell)], "obj": list(new[:3])}
+    return objs, text, ["query", q, ref], 1 + hops, sets(q, atom)
 
 
 def ie_count(rng, w, split):
     d = rand_desc(rng, w, rng.choice((1, 1, 2)))
     k = rng.randint(1, 3)
-    objs = fill(rng, w, split, place(rng, w, split, k, d), rng.randint(0, max_objects(w, split) - k), [d])
+    objs = fill(rng, w, split, place(rng, w, split, k, d),
+                rng.randint(0, max_objects(w, split) - k), [d])
     probe = ["count", ["all", d]]
     if rng.random() < 0.5:  # conditional: act on the counted objects if the count is right
-        n, branch = (k, True) if rng.random() < P_TRUE else (rng.choice([x for x in range(1, 5) if x != k]), False)
-        atom, act = action(rng, w, objs, members(["all", d], objs), ops=("recolor", "reshape", "resize", "remove"))
-        text = f"count the {noun(d, many=True)}. If there are exactly {n}, {act}; otherwise leave the scene unchanged"
-        return objs, [atom] if branch else [], text, probe, 1, (branch, str(n))
+        if rng.random() < P_TRUE:
+            n, branch = k, True
+        else:
+            n, branch = rng.choice([x for x in range(1, 5) if x != k]), False
+        atom, act = action(rng, w, objs, members(["all", d], objs), ops=IN_PLACE)
+        text = f"count the {noun(d, many=True)}. If there are exactly {n}, {act}; otherwise " \
+               f"leave the scene unchanged"
+        return objs, text, probe, 1, branches(branch, str(n), [atom], [])
     free = empty_cells(w, objs)
     new = rand_obj(rng, w, split, (0, 0))
     if k > len(free) or len(objs) + k > max_objects(w, split):
         raise Invalid
     text = f"add as many {noun(new._asdict(), many=True)} as there are {noun(d, many=True)}, " \
            f"in the first empty cells in reading order"
-    return objs, [{"op": "add", "cells": [list(c) for c in free[:k]], "obj": list(new[:3])}], text, probe, 1, (None, None)
+    atom = {"op": "add", "cells": [list(c) for c in free[:k]], "obj": list(new[:3])}
+    return objs, text, probe, 1, sets("count", atom)
 
 
 def ie_location(rng, w, split):
@@ -871,29 +1030,30 @@ def ie_location(rng, w, split):
     if ref is None:
         raise Invalid
     atom, act = action(rng, w, objs, [t])
-    return objs, [atom], f"find {ref_text(ref)} and {act}", ["query", q, ref], hops, (None, None)
+    return objs, f"find {ref_text(ref)} and {act}", ["query", q, ref], hops, fixed([atom])
 
 
 def quantified(rng, w, objs, s, what):
     """An action on every member of set `s`, phrased with `what` ("every circle")."""
-    return action(rng, w, objs, members(s, objs), ops=("recolor", "reshape", "resize", "remove"), it=what)
+    return action(rng, w, objs, members(s, objs), ops=IN_PLACE, it=what)
 
 
 def ie_nested(rng, w, split):
     if rng.random() < 0.5:  # if/else over a comparison: both branches act
         dA, dB = two_descs(rng, w, same_attr=True)
         a, b = rng.randint(1, 2), rng.randint(1, 2)
-        objs = fill(rng, w, split, place(rng, w, split, b, dB, place(rng, w, split, a, dA)), rng.randint(0, 1), [dA, dB])
+        objs = place(rng, w, split, b, dB, place(rng, w, split, a, dA))
+        objs = fill(rng, w, split, objs, rng.randint(0, 1), [dA, dB])
         A, B = ["all", dA], ["all", dB]
         atomA, actA = quantified(rng, w, objs, A, f"every {noun(dA)}")
         atomB, actB = quantified(rng, w, objs, B, f"every {noun(dB)}")
         text = f"if there are more {set_text(A)} than {set_text(B)}, {actA}; otherwise {actB}"
-        branch = a > b
-        return objs, [atomA if branch else atomB], text, ["compare", "more", A, B], 2, (branch, "yes")
+        return objs, text, ["compare", "more", A, B], 2, branches(a > b, "yes", [atomA], [atomB])
     # several atoms under a quantifier, composed in order; all references read the source scene
     d1, d2 = two_descs(rng, w, same_attr=rng.random() < 0.5)
     S = ["or", d1, d2]
-    objs = fill(rng, w, split, place(rng, w, split, rng.randint(1, 2), rng.choice((d1, d2))), rng.randint(1, 3), [])
+    objs = place(rng, w, split, rng.randint(1, 2), rng.choice((d1, d2)))
+    objs = fill(rng, w, split, objs, rng.randint(1, 3), [])
     hit = members(S, objs)
     atom1, act1 = quantified(rng, w, objs, S, f"every {set_text(S)[:-1]}")
     rest = [o for o in objs if o not in hit]
@@ -903,21 +1063,46 @@ def ie_nested(rng, w, split):
     ref = make_ref(rng, objs, t, 0)
     if ref is None:
         raise Invalid
-    atom2, act2 = action(rng, w, objs, [t], ops=("recolor", "reshape", "resize", "remove"), it=ref_text(ref))
+    atom2, act2 = action(rng, w, objs, [t], ops=IN_PLACE, it=ref_text(ref))
     text = f"{act1}, then {act2}"
-    return objs, [atom1, atom2], text, ["count", S], 3, (None, None)
+    return objs, text, ["count", S], 3, fixed([atom1, atom2])
 
 
-IE_FAMILIES = {"conditional": ie_conditional, "synthesis": ie_synthesis, "count_conditioned": ie_count,
-               "location": ie_location, "nested": ie_nested}
+IE_FAMILIES = {"conditional": ie_conditional, "synthesis": ie_synthesis,
+               "count_conditioned": ie_count, "location": ie_location, "nested": ie_nested}
 
 
 def gen_uniedit(rng, w, split, family):
-    objs, atoms, text, probe, level, (branch, if_answer) = _retry(lambda: IE_FAMILIES[family](rng, w, split))
-    target = apply_atoms(objs, atoms)
+    objs, text, probe, level, edit = _retry(lambda: IE_FAMILIES[family](rng, w, split))
+    target = apply_atoms(objs, edit["atoms"])
     return dict(scene=objs, target_scene=target, text=text[0].upper() + text[1:] + ".", level=level,
-                edit={"atoms": atoms, "branch": branch, "if_answer": if_answer},
-                probe={"question": question_text(probe), "answer": answer(probe, objs), "program": probe})
+                edit=edit,
+                probe={"question": question_text(probe), "answer": answer(probe, objs),
+                       "program": probe})
+
+
+def implied_target(sample, said, world="default"):
+    """The target scene an intelligent edit's instruction implies if its embedded question were
+    answered `said` (say, by the model itself): None where the answer does not decide the edit
+    (location and quantified edits act alike whatever it is) or cannot (it is no such value)."""
+    e, w = sample["edit"], get_world(world)
+    objs = [Obj(*o) for o in sample["scene"]]
+    if e["if_answer"] is not None:  # "If it is red, ...; otherwise ...": the branch it picks
+        atoms = e["then"] if said == e["if_answer"] else e["else"]
+    elif e["answer_sets"] == "count":  # "add as many ... as there are ...": that many, in order
+        free = empty_cells(w, objs)
+        if not said.isdecimal() or int(said) > len(free):
+            return None
+        atoms = [{**e["atoms"][0], "cells": [list(c) for c in free[:int(said)]]}]
+    elif e["answer_sets"] in ATTRS:  # "add ... with the same color as ...": that color
+        if said not in values(w, e["answer_sets"]):
+            return None
+        obj = list(e["atoms"][0]["obj"])
+        obj[ATTRS.index(e["answer_sets"])] = said
+        atoms = [{**e["atoms"][0], "obj": obj}]
+    else:
+        return None
+    return Scene.of(apply_atoms(objs, atoms)).to_json()
 
 
 # ----------------------------------------------------------------------------- samples
@@ -937,7 +1122,8 @@ def is_ood(s, w):
     if any(f"{c} {sh}" in t for sh, c in w.heldout for t in texts):
         return True
     scenes = [x for x in (s.get("scene"), s.get("target_scene")) if x is not None]
-    return any(len(sc) > w.max_objects or any((o[0], o[1]) in w.heldout for o in sc) for sc in scenes)
+    return any(len(sc) > w.max_objects or any((o[0], o[1]) in w.heldout for o in sc)
+               for sc in scenes)
 
 
 def make_sample(world, task, split, index, seed=0):
@@ -945,7 +1131,8 @@ def make_sample(world, task, split, index, seed=0):
 
     Returns a dict with keys id, index, task, family, level, hops, split, text, answer,
     image (source, uint8 HxWx3, or None), target (image to produce, or None), scene,
-    target_scene (lists of [shape, color, size, row, col]), clauses, program, edit, probe.
+    target_scene (lists of [shape, color, size, row, col]), geneval, describes, program, edit,
+    probe.
     test_ood samples always show something held out; the other splits never do."""
     w = get_world(world)
     if task not in GENERATORS:
@@ -970,9 +1157,12 @@ def make_sample(world, task, split, index, seed=0):
         "id": f"{task}/{split}/{index}", "index": index, "task": task, "family": family,
         "level": s.get("level"), "hops": s.get("hops"), "split": split, "text": s["text"],
         "answer": s.get("answer"),
-        "image": render(scene, w) if scene else None, "target": render(target, w) if target else None,
-        "scene": scene.to_json() if scene else None, "target_scene": target.to_json() if target else None,
-        "clauses": s.get("clauses"), "program": s.get("program"), "edit": s.get("edit"), "probe": s.get("probe"),
+        "image": render(scene, w) if scene else None,
+        "target": render(target, w) if target else None,
+        "scene": scene.to_json() if scene else None,
+        "target_scene": target.to_json() if target else None,
+        "geneval": s.get("geneval"), "describes": s.get("describes"), "program": s.get("program"),
+        "edit": s.get("edit"), "probe": s.get("probe"),
     }
 
 
@@ -990,13 +1180,15 @@ def get_tokenizer(world="default", seed=0):
         for split in ("train", "test_ood"):
             for i in range(400):
                 s = make_sample(w, task, split, i, seed)
-                texts += [s["text"], s["answer"] or "", s["probe"]["question"] if s["probe"] else ""]
+                probe = s["probe"]["question"] if s["probe"] else ""
+                texts += [s["text"], s["answer"] or "", probe]
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     alphabet = sorted(set("".join(texts)))
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=list(SPECIALS), initial_alphabet=alphabet, show_progress=False))
+        vocab_size=512, special_tokens=list(SPECIALS), initial_alphabet=alphabet,
+        show_progress=False))
     return tok
 
 
@@ -1007,7 +1199,8 @@ def get_tokenizer(world="default", seed=0):
 # with task_i = tasks[i % len(tasks)] and split_i from a seeded hash of i.
 
 SPLIT_SHARES = (("train", 0.90), ("val", 0.04), ("test", 0.03), ("test_ood", 0.03))
-PRESETS = {"uniedit-148k": dict(n=148_000, tasks=("uniedit",)), "uniedit-40k": dict(n=40_000, tasks=("uniedit",))}
+PRESETS = {"uniedit-148k": dict(n=148_000, tasks=("uniedit",)),
+           "uniedit-40k": dict(n=40_000, tasks=("uniedit",))}
 FILES = ("meta.json", "images.npy", "samples.jsonl", "tokenizer.json", "contact.png")
 
 
@@ -1043,29 +1236,53 @@ def _write_chunk(args):
     return records
 
 
+def check_tasks(tasks):
+    if not tasks:
+        raise ValueError(f"--tasks names no task: give some of {','.join(TASKS)}")
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}: choose from {', '.join(TASKS)}")
+
+
+def check_writable(path, what="output"):
+    """Fail now, in one line, if no file can be created at `path` (not after all the work)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write the {what} {path}: {e.strerror or e}") from None
+
+
 def write_dataset(out, n, world="default", tasks=TASKS, seed=0, force=False, workers=None):
     """Write a dataset folder. Refuses a non-empty folder unless force; then only overwrites
     this format's own files, each written under a temporary name and renamed when complete."""
     w = get_world(world)
-    for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}: choose from {', '.join(TASKS)}")
+    check_tasks(tasks)
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"--n must be a positive integer, got {n!r}")
     if os.path.isdir(out) and os.listdir(out) and not force:
-        raise ValueError(f"output folder {out} exists and is not empty: pick another or pass --force")
-    os.makedirs(out, exist_ok=True)
+        raise ValueError(f"output folder {out} exists and is not empty: pick another or pass "
+                         f"--force")
+    check_writable(os.path.join(out, "meta.json"), "dataset folder's file")
     from multiprocessing import get_context
     from tqdm import tqdm
     per = [_images_per_sample(tasks[i % len(tasks)]) for i in range(n)]
     offsets = np.concatenate([[0], np.cumsum(per)])
     tmp = os.path.join(out, "images.npy.tmp")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(int(offsets[-1]), w.size, w.size, 3)).flush()
+    shape = (int(offsets[-1]), w.size, w.size, 3)
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
     step = 2000
-    jobs = [(tmp, w.name, tuple(tasks), seed, lo, min(lo + step, n), int(offsets[lo])) for lo in range(0, n, step)]
+    jobs = [(tmp, w.name, tuple(tasks), seed, lo, min(lo + step, n), int(offsets[lo]))
+            for lo in range(0, n, step)]
     workers = workers or min(os.cpu_count() or 1, len(jobs))
-    with open(os.path.join(out, "samples.jsonl.tmp"), "w") as f, tqdm(total=n, desc="synth", unit="sample") as bar:
-        chunks = map(_write_chunk, jobs) if workers == 1 else get_context("spawn").Pool(workers).imap(_write_chunk, jobs)
+    bar = tqdm(total=n, desc="synth", unit="sample")
+    with open(os.path.join(out, "samples.jsonl.tmp"), "w") as f, bar:
+        if workers == 1:
+            chunks = map(_write_chunk, jobs)
+        else:
+            chunks = get_context("spawn").Pool(workers).imap(_write_chunk, jobs)
         for recs in chunks:
             f.write("\n".join(recs) + "\n")
             bar.update(len(recs))
@@ -1082,7 +1299,7 @@ def write_dataset(out, n, world="default", tasks=TASKS, seed=0, force=False, wor
 
 
 class Dataset:
-    """A dataset folder, memory-mapped: ds[i] equals make_sample(world, task_i, split_i, i, seed)."""
+    """A dataset folder, memory-mapped: ds[i] is make_sample(world, task_i, split_i, i, seed)."""
 
     def __init__(self, path):
         self.path = path
@@ -1096,38 +1313,45 @@ class Dataset:
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 self.meta = json.load(f)
-            self.world = World(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                                  if isinstance(v, list) else v for k, v in self.meta["world"].items()})
+            self.world = world_from_json(self.meta["world"])
             self.images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise bad(str(e)) from None
         if self.meta.get("version") != VERSION:
-            raise bad(f"format version {self.meta.get('version')} but this synth.py reads {VERSION}")
+            raise bad(f"format version {self.meta.get('version')} but this synth.py reads "
+                      f"{VERSION}")
         if self.images.shape != (self.meta["n_images"], self.world.size, self.world.size, 3):
             raise bad(f"images.npy has shape {self.images.shape}, meta.json expects "
                       f"({self.meta['n_images']}, {self.world.size}, {self.world.size}, 3)")
         with open(os.path.join(path, "samples.jsonl"), "rb") as f:
             self._lines = f.read().split(b"\n")[:-1]
         if len(self._lines) != self.meta["n"]:
-            raise bad(f"samples.jsonl has {len(self._lines)} records, meta.json says {self.meta['n']}")
+            raise bad(f"samples.jsonl has {len(self._lines)} records, meta.json says "
+                      f"{self.meta['n']}")
         self.seed = self.meta["seed"]
 
     def __len__(self):
         return len(self._lines)
 
-    def __getitem__(self, i):
+    def _record(self, i):
         try:
-            rec = json.loads(self._lines[i])
-        except json.JSONDecodeError:
-            raise ValueError(f"dataset {self.path}: record {i} of samples.jsonl is not valid JSON") from None
-        rec["image"] = None if rec["image_idx"] is None else np.array(self.images[rec["image_idx"]])
-        rec["target"] = None if rec["target_idx"] is None else np.array(self.images[rec["target_idx"]])
-        del rec["image_idx"], rec["target_idx"]
+            return json.loads(self._lines[i])
+        except json.JSONDecodeError as e:
+            jsonl = os.path.join(self.path, "samples.jsonl")
+            raise ValueError(f"{jsonl} line {i + 1} is not valid JSON ({e.msg}): rewrite the "
+                             f"dataset with python synth.py --out {self.path} --force") from None
+
+    def __getitem__(self, i):
+        rec = self._record(i)
+        for key in ("image", "target"):
+            row = rec.pop(key + "_idx")
+            rec[key] = None if row is None else np.array(self.images[row])
         return rec
 
     def records(self):
-        """Every sample's record without its images (task, split, text, ...): cheap, for choosing samples."""
-        return [json.loads(line) for line in self._lines]
+        """Every sample's record without its images (task, split, text, ...): cheap, for
+        choosing samples."""
+        return [self._record(i) for i in range(len(self._lines))]
 
 
 # ----------------------------------------------------------------------------- contact sheet
@@ -1135,7 +1359,8 @@ class Dataset:
 def contact_sheet(samples, path, scale=3):
     """One row per sample: its text (and answer), source image, target image; for the eye."""
     font = ImageFont.load_default()
-    side = samples[0]["image"].shape[0] if samples[0]["image"] is not None else samples[0]["target"].shape[0]
+    first = samples[0]["image"] if samples[0]["image"] is not None else samples[0]["target"]
+    side = first.shape[0]
     px = side * scale
     text_w, row_h = 520, px + 8
     sheet = Image.new("RGB", (text_w + 2 * px + 24, row_h * len(samples) + 8), (40, 40, 40))
@@ -1144,12 +1369,14 @@ def contact_sheet(samples, path, scale=3):
         y = 8 + k * row_h
         words, lines = f"[{s['id']} {s['family']}] {s['text']}".split(), [""]
         for word in words:  # wrap by character count: the default font is fixed-width enough
-            lines[-1:] = [lines[-1] + " " + word] if len(lines[-1]) + len(word) < 80 else [lines[-1], word]
+            fits = len(lines[-1]) + len(word) < 80
+            lines[-1:] = [lines[-1] + " " + word] if fits else [lines[-1], word]
         if s["answer"]:
             lines.append(f"answer: {s['answer']}")
         if s["probe"]:
             lines.append(f"probe: {s['probe']['question']} {s['probe']['answer']}")
-        draw.multiline_text((6, y), "\n".join(x.strip() for x in lines), fill=(230, 230, 230), font=font)
+        text = "\n".join(x.strip() for x in lines)
+        draw.multiline_text((6, y), text, fill=(230, 230, 230), font=font)
         for j, key in enumerate(("image", "target")):
             if s[key] is not None:
                 im = Image.fromarray(np.asarray(s[key])).resize((px, px), Image.NEAREST)
@@ -1172,14 +1399,17 @@ def bench(world="default", tasks=("edit", "uniedit", "uniedit", "vqa", "t2i"), s
 def main(argv=None):
     p = argparse.ArgumentParser(description="Synthesize nanoUMM datasets from the shapes world.")
     p.add_argument("--out", help="dataset folder to write")
-    p.add_argument("--n", type=str, default=None, help="number of samples (default 2000; 16 for --show)")
+    p.add_argument("--n", type=str, default=None,
+                   help="number of samples (default 2000; 16 for --show)")
     p.add_argument("--world", default="default", help=f"one of {', '.join(WORLDS)}")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (sets --n and --tasks)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     p.add_argument("--show", nargs="?", const="", metavar="DIR",
-                   help="write a contact sheet of DIR's samples, or of on-the-fly samples without DIR")
+                   help="write a contact sheet of DIR's samples, or of on-the-fly samples "
+                        "without DIR")
     p.add_argument("--png", help="where --show writes (default DIR/contact.png or ./contact.png)")
     p.add_argument("--split", default="train", help="split for on-the-fly --show")
     p.add_argument("--bench", action="store_true", help="print on-the-fly samples/s on one core")
@@ -1191,9 +1421,7 @@ def main(argv=None):
             if a.preset not in PRESETS:
                 raise ValueError(f"unknown preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
             tasks, a.n = PRESETS[a.preset]["tasks"], a.n or str(PRESETS[a.preset]["n"])
-        for t in tasks:
-            if t not in TASKS:
-                raise ValueError(f"unknown task {t!r}: choose from {', '.join(TASKS)}")
+        check_tasks(tasks)
         n = a.n or ("16" if a.show is not None else "2000")
         if not n.isdigit() or int(n) <= 0:
             raise ValueError(f"--n must be a positive integer, got {n!r}")
@@ -1201,17 +1429,20 @@ def main(argv=None):
         if a.bench:
             print(f"{bench(a.world):.0f} samples/s (world {a.world}, edit-heavy mix, one core)")
         elif a.show is not None:
+            png = a.png or os.path.join(a.show or ".", "contact.png")
+            check_writable(png, "contact sheet")
             if a.show:
                 ds = Dataset(a.show)
                 samples = [ds[i] for i in range(min(n, len(ds)))]
             else:
-                samples = [make_sample(a.world, tasks[i % len(tasks)], a.split, i, a.seed) for i in range(n)]
-            png = a.png or os.path.join(a.show or ".", "contact.png")
+                samples = [make_sample(a.world, tasks[i % len(tasks)], a.split, i, a.seed)
+                           for i in range(n)]
             print("wrote", contact_sheet(samples, png))
         elif a.out:
             t0 = time.time()
             write_dataset(a.out, n, a.world, tasks, a.seed, a.force)
-            print(f"wrote {n} samples to {a.out} in {time.time() - t0:.1f}s (contact sheet: {a.out}/contact.png)")
+            print(f"wrote {n} samples to {a.out} in {time.time() - t0:.1f}s (contact sheet: "
+                  f"{a.out}/contact.png)")
         else:
             p.error("give --out DIR, --show [DIR] or --bench")
     except ValueError as e:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import kernels
 import synth
-from eval import evaluate, headline, on, to_markdown, to_uint8
+from eval import evaluate, headline, num, to_markdown
 from model import TASK_GROUP, UMM, UMMConfig, collate, load_weights, newest_checkpoint, read_meta
 
 
@@ -392,41 +392,27 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
 
 
 @torch.no_grad()
-def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_size):
+def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
     """With the EMA weights: eval.evaluate on small val sets (each rank scores its share, the
-    records are gathered) and, on rank 0, its table, the headline numbers in log.jsonl and a grid
-    of generations and edits under run_dir/samples/."""
+    records are gathered) and, on rank 0, its table, the headline numbers in log.jsonl and a
+    labelled picture of generations and edits (eval.draw_picture) under run_dir/samples/."""
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.to(live[k].dtype) for k, v in ema.items()})
     model.eval()
     world = synth.get_world(cfg.world)
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     # small counts keep an eval of the tiny preset to seconds; python eval.py scores fully
     results = evaluate(model, tok, world, "val", n=128, n_t2i=28, samples_per_prompt=2, n_edit=32,
-                       device=device, rank=rank, world_size=world_size, progress=False)
+                       device=device, rank=rank, world_size=world_size, progress=False,
+                       picture=os.path.join(run_dir, "samples", f"step_{step:06d}.png"))
     if rank == 0:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        rows = []
-        g = torch.Generator().manual_seed(cfg.seed)
-        for task in ("t2i", "edit", "uniedit"):
-            samples = [synth.make_sample(world, task, "val", i) for i in range(8)]
-            sub = on(device, collate(samples, mcfg, tok)[TASK_GROUP[task]])
-            made = model.sample(TASK_GROUP[task], sub, steps=20, generator=g)
-            made = to_uint8(made)  # (8, S, S, 3)
-            blank = np.zeros_like(made[0])
-            rows.append([s["image"] if s["image"] is not None else blank for s in samples])
-            rows.append(list(made))
-            rows.append([s["target"] for s in samples])
-        grid = np.concatenate([np.concatenate(r, 1) for r in rows], 0)
-        from PIL import Image
-        big = Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST)
-        big.save(os.path.join(run_dir, "samples", f"step_{step:06d}.png"))
         with open(os.path.join(run_dir, "samples", f"step_{step:06d}.md"), "w") as f:
             f.write(to_markdown(results, f"step {step}, EMA weights"))
         scores = headline(results)
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in scores.items()}}) + "\n")
-        numbers = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        tqdm.write(f"eval step {step} (EMA): {numbers}; table and grid in "
+        shown = ", ".join(f"{k} {num(v)}" for k, v in scores.items())
+        tqdm.write(f"eval step {step} (EMA): {shown}; table and picture in "
                    f"{run_dir}/samples/step_{step:06d}.md/.png")
     model.load_state_dict(live)
 
@@ -594,7 +580,7 @@ def train(cfg, after_step=None):
             if world_size > 1:
                 dist.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
+            evaluate_run(cfg, model, ema, tok, run_dir, done, device, rank, world_size)
     log.close()
     if world_size > 1:
         dist.destroy_process_group()

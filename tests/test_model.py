@@ -144,13 +144,14 @@ def test_guidance_at_scale_one_is_the_conditional_velocity():
     randomize_flow_head(model)
     batch = collate(samples("t2i", 2) + samples("edit", 2), model.cfg, TOK)
     for task in ("t2i", "edit"):
-        x_t = torch.randn(2, 3, 32, 32)
+        S = model.cfg.image_size
+        x_t = torch.randn(2, 3, S, S)
         full = model.velocity(task, batch[task], x_t, 0.6)
         assert (full - model.velocity(task, batch[task], x_t, 0.6, False, False)).abs().max() > 1e-4
         torch.testing.assert_close(model.guided_velocity(task, batch[task], x_t, 0.6, 1.0, 1.0), full)
     assert (model.velocity("edit", batch["edit"], x_t, 0.6, with_image=False) - full).abs().max() > 1e-4
     images = model.sample("edit", batch["edit"], steps=2, shift=3.0, txt_scale=4.0, img_scale=1.5)
-    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+    assert images.shape == (2, 3, S, S) and images.abs().max() <= 1
 
 
 def train_losses(model, steps=40):
@@ -194,7 +195,8 @@ def test_collate_layout_and_accounting():
     question = TOK.encode(mixed[0]["text"]).ids
     assert vqa[V.text].tolist() == [PAD] * (cfg.vqa_text - len(question) - 1) + question + [5]  # left-padded, SEP
     assert vqa[V.answer].tolist() == TOK.encode(mixed[0]["answer"]).ids + [2] + [PAD] * (cfg.answer_len - 2)
-    assert batch["edit"]["source"].shape == (2, 3, 32, 32) and batch["edit"]["source"].min() >= -1
+    S = cfg.image_size
+    assert batch["edit"]["source"].shape == (2, 3, S, S) and batch["edit"]["source"].min() >= -1
     total, parts = model.loss(batch)
     assert {"ce", "flow"} <= set(parts) and torch.isfinite(total)
     n = model.num_params()
@@ -206,12 +208,13 @@ def test_bad_inputs_get_one_line_errors():
     model = tiny()
     cfg = model.cfg
     bad = dict(samples("uniedit", 1)[0])
-    for image, limit in (((16, 16, 3), "image_size=32"), ((32, 32, 4), "(32, 32, 3)")):
+    S = cfg.image_size
+    for image, limit in (((16, 16, 3), f"image_size={S}"), ((S, S, 4), f"({S}, {S}, 3)")):
         with pytest.raises(ValueError, match=limit.replace("(", r"\(").replace(")", r"\)")):
             collate([dict(bad, image=torch.zeros(image, dtype=torch.uint8).numpy())], cfg, TOK)
     sub = collate([bad], cfg, TOK)["edit"]
-    for shape in ((1, 3, 16, 16), (1, 4, 32, 32)):
-        with pytest.raises(ValueError, match="image_size=32"):
+    for shape in ((1, 3, 16, 16), (1, 4, S, S)):
+        with pytest.raises(ValueError, match=f"image_size={S}"):
             model.velocity("edit", sub, torch.zeros(shape), 0.5)
     with pytest.raises(ValueError, match="edit_text=32"):
         collate([dict(bad, text="paint the red circle blue. " * 20)], cfg, TOK)

@@ -59,7 +59,7 @@ def test_prompt_writes_images_and_grid_deterministically(ckpt, tmp_path, capsys)
     run(ckpt, tmp_path, "--prompt", "A red square above a circle.", "--n", "3", "--seed", "5")
     assert np.array_equal(first, np.array(Image.open(out / "gen_01.png")))  # same seed, same images
     run(ckpt, tmp_path, "--from_synth", "t2i:val:2", "--n", "2")
-    assert "images satisfy every clause" in capsys.readouterr().out
+    assert "images hold exactly the prompt's objects" in capsys.readouterr().out
 
 
 def test_multi_round_edit_and_from_synth(ckpt, tmp_path, png, capsys):
@@ -87,9 +87,10 @@ def test_bad_input_gets_one_line_errors(ckpt, tmp_path, png):
     (bad / "tokenizer.json").write_text("{not json")
     assert "tokenizer.json is missing or corrupt" in error("--prompt", "A circle.", ck=str(bad))
     big = tmp_path / "big.png"
-    Image.fromarray(np.zeros((64, 48, 3), np.uint8)).save(big)
+    Image.fromarray(np.zeros((W.size, 48, 3), np.uint8)).save(big)
     q = "What color is the circle?"
-    assert "is 48x64 px, the model needs 32x32: pass --resize" in error("--image", str(big), "--question", q)
+    msg = f"is 48x{W.size} px, the model needs {W.size}x{W.size}: pass --resize"
+    assert msg in error("--image", str(big), "--question", q)
     run(ckpt, tmp_path, "--image", str(big), "--resize", "--question", q)  # scaled, then answered
     assert "cannot read image" in error("--image", str(tmp_path / "missing.png"), "--question", "Is there a circle?")
     assert "word 'colour' is outside the model's vocabulary" in error("--image", png, "--question", "What colour is it?")

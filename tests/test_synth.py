@@ -48,6 +48,73 @@ def test_parser_degrades_gracefully(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_every_two_templates_differ_in_a_quarter_of_their_pixels_at_the_parsers_offsets(world):
+    w = synth.WORLDS[world]
+    tm = synth.templates(w)
+    keys = list(tm)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:  # the parser shifts each by +-1 px, so up to 2 px apart
+            d = min(synth.template_distance(tm[a], synth.shifted(tm[b], dy, dx))
+                    for dy in range(-2, 3) for dx in range(-2, 3))
+            assert d >= synth.TEMPLATE_MARGIN, (a, b, d)
+    # so no drawing is within the parser's gate of two templates (the Jaccard distance is a metric)
+    assert 2 * synth.SHAPE_GATE < synth.TEMPLATE_MARGIN
+
+
+def box_blur(img):
+    padded = np.pad(img.astype(np.float32), ((1, 1), (1, 1), (0, 0)))
+    h, w = img.shape[:2]
+    total = sum(padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    return np.round(total / 9).astype(np.uint8)
+
+
+def perturb(kind, img, objs, w, rng):
+    if kind == "blur":  # 3x3 box blur
+        return box_blur(img)
+    if kind == "shift":  # the whole image by 1 px
+        moves = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b]
+        return synth.shifted(img, *rng.choice(moves))
+    if kind == "scale":  # every color dimmed (down to 30%) or brightened (up to 125%)
+        return np.clip(img * rng.uniform(0.3, 1.25), 0, 255).round().astype(np.uint8)
+    if kind == "noise":  # Gaussian, sigma up to 32
+        sigma = rng.choice((8, 16, 24, 32))
+        noise = np.random.default_rng(rng.randrange(2 ** 32)).normal(0, sigma, img.shape)
+        return np.clip(img + noise, 0, 255).round().astype(np.uint8)
+    img = img.copy()  # erase 1-4 pixels of every object
+    c = w.cell
+    for o in objs:
+        ys, xs = np.nonzero(synth.templates(w)[o.shape, o.size])
+        for i in rng.sample(range(len(ys)), rng.randint(1, 4)):
+            img[o.row * c + ys[i], o.col * c + xs[i]] = 0
+    return img
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_perturbed_cells_are_read_right_or_rejected_never_misread(world):
+    w = synth.WORLDS[world]
+    rng = random.Random(0)
+    outcome = collections.Counter()
+    for i in range(750):
+        kind = ("blur", "erase", "shift", "scale", "noise")[i % 5]
+        objs = synth.Scene.of(synth.rand_scene(rng, w, "test_ood")).objects
+        got = synth.parse(perturb(kind, synth.render(objs, w), objs, w, rng), w)
+        truth = {(o.row, o.col): o for o in objs}
+        read = {(o.row, o.col): o for o in got.objects}
+        for cell in [(r, c) for r in range(w.grid) for c in range(w.grid)]:
+            verdict = "rejected" if cell in got.malformed else \
+                "right" if read.get(cell) == truth.get(cell) else "misread"
+            outcome[kind, verdict, "object" if cell in truth else "empty"] += 1
+            assert verdict != "misread", (kind, truth.get(cell), read.get(cell))
+    objects = sum(n for (_, _, what), n in outcome.items() if what == "object")
+    assert objects > 2000
+    for kind in ("erase", "shift", "noise"):  # mild: nearly always read right
+        assert outcome[kind, "right", "object"] > 0.95 * objects / 5 * 0.9, (kind, outcome)
+    for kind in ("blur", "scale"):  # harsh: read right or rejected, but read right often enough
+        assert outcome[kind, "right", "object"] > 0.35 * objects / 5 * 0.9, (kind, outcome)
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_vqa_answers_match_the_image(world):
     for s in samples(world, "vqa", n=400):
         objs = synth.parse(s["image"], world).objects
@@ -68,13 +135,38 @@ def test_vqa_answers_balanced_within_each_family():
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_t2i_targets_satisfy_their_clauses(world):
+def test_t2i_targets_satisfy_geneval_and_hold_exactly_what_the_prompt_describes(world):
+    w = synth.WORLDS[world]
     fams = collections.Counter()
     for s in samples(world, "t2i", n=300):
         fams[s["family"]] += 1
-        assert synth.satisfies(synth.parse(s["target"], world), s["clauses"]), s["text"]
-        assert not synth.satisfies(synth.Scene(()), s["clauses"])  # a blank image never passes
+        scene = synth.parse(s["target"], world)
+        assert synth.holds_exactly(s["describes"], scene), s["text"]
+        assert not synth.holds_exactly(s["describes"], synth.Scene(()))  # a blank one never does
+        if s["family"] == "scene":
+            assert s["geneval"] is None and len(s["describes"]) == len(s["target_scene"])
+        else:
+            assert synth.geneval_holds(s["geneval"], scene.objects, w), s["text"]
+            assert not synth.geneval_holds(s["geneval"], (), w)
     assert set(fams) == set(synth.T2I_FAMILIES)
+
+
+def test_geneval_position_needs_the_direction_to_dominate():
+    w = synth.WORLDS["tiny"]
+    o = lambda r, c, size="large": synth.Obj("circle", "red", size, r, c)
+    assert synth.relations(o(1, 0), o(1, 2), w) == {"left of"}
+    assert synth.relations(o(0, 1), o(2, 1), w) == {"above"}
+    assert synth.relations(o(0, 0), o(1, 1), w) == {"left of", "above"}  # a diagonal is both
+    assert synth.relations(o(0, 0), o(2, 1), w) == {"above"}  # 2 rows up, 1 column left: above only
+    assert synth.relations(o(1, 1), o(1, 1, "small"), w) == set()  # same centre: no relation
+    # GenEval judges the most salient object of each class: here the large square, which is not left
+    square, circle = {"shape": "square"}, {"shape": "circle"}
+    geneval = {"include": [{**circle, "count": 1},
+                           {**square, "count": 1, "position": ["left of", 0]}], "exclude": []}
+    objs = [synth.Obj("square", "red", "small", 0, 0), synth.Obj("square", "red", "large", 0, 3),
+            synth.Obj("circle", "blue", "large", 0, 2)]
+    assert not synth.geneval_holds(geneval, objs, w)
+    assert synth.geneval_holds(geneval, objs[:1] + objs[2:], w)
 
 
 def check_edit(s, world):
@@ -129,6 +221,12 @@ def test_intelligent_edits(world):
             if not e["branch"] and "otherwise leave" in s["text"]:
                 assert not e["atoms"]
         noops += not e["atoms"]
+        # the edit redone from the probe's true answer is the target (other answers: test_eval)
+        implied = synth.implied_target(s, probe["answer"], world)
+        if e["if_answer"] is None and e["answer_sets"] is None:
+            assert implied is None  # location and quantified edits act alike whatever the answer
+        else:
+            assert implied == s["target_scene"], s["text"]
         outside = re.sub(r"[Ii]f [^,]*,", "", s["text"]).lower()  # the answer may only sit in a condition
         if probe["program"][0] == "count" or probe["program"][2][0] == "the":
             assert probe["answer"] not in re.findall(r"[a-z0-9]+", outside), s["text"]
@@ -206,6 +304,33 @@ def test_bad_input_gets_a_one_line_error(tmp_path):
     assert os.listdir(keep) == ["notes.txt"]
     with pytest.raises(ValueError, match="unknown split"):
         synth.make_sample("tiny", "vqa", "dev", 0)
+
+
+def test_no_tasks_or_an_unwritable_output_is_refused_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for args, msg in [(["--out", str(tmp_path / "none"), "--tasks", ","], "--tasks names no task"),
+                      (["--out", str(afile / "d"), "--n", "5"],
+                       f"cannot write the dataset folder's file {afile}"),
+                      (["--show", "--n", "2", "--png", str(afile / "sheet.png")],
+                       f"cannot write the contact sheet {afile}/sheet.png")]:
+        r = run_cli(*args)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "none").exists()  # nothing left behind
+
+
+def test_a_bad_record_names_its_file_and_line(tmp_path):
+    path = synth.write_dataset(str(tmp_path / "d"), 12, "tiny", workers=1)
+    jsonl = os.path.join(path, "samples.jsonl")
+    lines = open(jsonl).read().splitlines()
+    lines[6] = lines[6][:40]
+    open(jsonl, "w").write("\n".join(lines) + "\n")
+    ds = synth.Dataset(path)
+    assert ds[5]["index"] == 5
+    for read in (lambda: ds[6], ds.records):
+        with pytest.raises(ValueError, match=f"{jsonl} line 7 is not valid JSON"):
+            read()
 
 
 def test_corrupt_dataset_is_refused(tmp_path):

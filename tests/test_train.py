@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import eval as ev
 import kernels
 import synth
 import train
@@ -202,14 +203,18 @@ def test_gpu_torchrun_nccl_one_rank_equals_plain_python(tmp_path):
 
 def test_eval_during_training_writes_grid_table_and_log_line(tmp_path):
     run_dir = run(tmp_path, "--max_steps=2", "--eval_every=2")
-    grid = np.array(Image.open(os.path.join(run_dir, "samples", "step_000002.png")))
-    S = synth.get_world("tiny").size * 3  # drawn 3x, nearest-neighbour
-    # rows: source, output, target for 8 T2I prompts, 8 simple and 8 intelligent edits (T2I has no source)
-    assert grid.shape == (9 * S, 8 * S, 3)
-    edit = synth.make_sample("tiny", "edit", "val", 0)
-    assert np.array_equal(grid[3 * S:4 * S:3, :S:3], edit["image"]) and np.array_equal(grid[5 * S:6 * S:3, :S:3],
-                                                                                          edit["target"])
-    assert "| understanding | VQA accuracy" in open(os.path.join(run_dir, "samples", "step_000002.md")).read()
+    pic = np.array(Image.open(os.path.join(run_dir, "samples", "step_000002.png")))
+    side = synth.get_world("tiny").size * ev.SCALE  # each image drawn at 2x, nearest-neighbour
+
+    columns = [ev.GAP + k * (3 * side + 5 * ev.GAP) + j * (side + ev.GAP)
+               for k in range(ev.PER_ROW) for j in range(3)]
+
+    def shown(image):  # is the image in one of the picture's image columns, upscaled?
+        return any(np.array_equal(pic[y:y + side:ev.SCALE, x:x + side:ev.SCALE], image)
+                   for x in columns for y in range(pic.shape[0] - side))
+    edit = synth.make_sample("tiny", "edit", "val", 0)  # the first simple edit: source and target
+    assert side >= 96 and shown(edit["image"]) and shown(edit["target"])
+    assert "| VQA accuracy |" in open(os.path.join(run_dir, "samples", "step_000002.md")).read()
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         rec = json.loads(f.readlines()[-1])
     assert rec["step"] == 2 and 0 <= rec["val_vqa_acc"] <= 1 and 0 <= rec["val_shapeeval"] <= 1
