@@ -216,6 +216,31 @@ def task_counts(mix, n):
     return {t: c for t, c in counts.items() if c}
 
 
+def plan_micro_batch(batch_size, micro_batch, ranks, mixes):
+    """(micro, accumulation): the largest micro-batch <= micro_batch with batch_size = micro x
+    ranks x accumulation in which every task of every mix keeps a sample (task_counts drops a
+    task that rounds to zero, which would silently change the recipe). The stream is a function
+    of the seed and the micro-batch: the same micro-batch gives the same samples on any ranks."""
+    def holds_mix(micro):
+        return all(len(task_counts(mix, micro)) == sum(w > 0 for w in parse_mix(mix).values())
+                   for mix in mixes)
+
+    micros = [m for m in range(micro_batch, 0, -1) if holds_mix(m)]  # largest first
+    if not micros:
+        raise ValueError(f"micro_batch={micro_batch} is too small to hold one sample of every "
+                         f"task of {' / '.join(mixes)}: raise --micro_batch")
+    for micro in micros:
+        if batch_size % (micro * ranks) == 0:
+            return micro, batch_size // (micro * ranks)
+    valid = [b for b in range(1, batch_size + micro_batch * ranks + 1)
+             if b != batch_size and any(b % (m * ranks) == 0 for m in micros)]
+    below = [b for b in valid if b < batch_size][-1:]
+    above = [b for b in valid if b > batch_size][:1]
+    raise ValueError(f"batch_size={batch_size} cannot be split into micro-batches of at most "
+                     f"{micro_batch} samples over {ranks} ranks: use "
+                     + " or ".join(f"--batch_size={b}" for b in below + above))
+
+
 class Stream(torch.utils.data.Dataset):
     """Micro-batch `c` of the run: a fixed number of samples per task, each a pure function of
     (seed, position); from a dataset folder, position p of task t is its train record perm[p]."""
@@ -284,6 +309,37 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def reached_parameters(model, mix, cfg, tok, mcfg):
+    """Names of the parameters a micro-batch of `mix` gives a gradient: one backward over one
+    sample of each task, under a forked RNG so the run's random stream is untouched. A flow-only
+    recipe never reaches the LM head; an understanding-only stage never reaches the flow head."""
+    world = synth.get_world(cfg.world)
+    device = next(model.parameters()).device
+    tasks = [t for t, w in parse_mix(mix).items() if w > 0]
+    samples = [synth.make_sample(world, t, "train", 0, cfg.seed) for t in tasks]
+    batch = to_device(collate(samples, mcfg, tok), device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.loss(batch)[0].backward()
+    reached = {name for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return reached
+
+
+def freeze_unreached(model, mixes, cfg, tok, mcfg):
+    """Freeze what no stage of the recipe reaches, so that DDP never waits for its gradient, and
+    say whether some stage still leaves a trainable parameter without one: only then (the staged
+    recipe) does DDP need find_unused_parameters and its search of the autograd graph at every
+    step. (static_graph would skip that search too, but it breaks gradient accumulation under
+    no_sync: pytorch/pytorch#143580.) Returns (names frozen, find_unused_parameters)."""
+    reached = [reached_parameters(model, mix, cfg, tok, mcfg) for mix in mixes]
+    frozen = [n for n, p in model.named_parameters() if not any(n in r for r in reached)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    find_unused = any(n not in r for r in reached
+                      for n, p in model.named_parameters() if p.requires_grad)
+    return frozen, find_unused
 
 
 def compiles(cfg, device):  # whether the training step runs under torch.compile
@@ -505,27 +561,36 @@ def stage_at(cfg, step):
 def train(cfg, after_step=None):
     """Train as cfg says; returns the run folder. after_step(step, model, stream), if given, runs
     after each optimizer step (--bench times the loop with it)."""
+    # the batch plan before any process group exists: a batch that cannot be split exits cleanly
+    mixes = [cfg.mix or mix for _, mix in RECIPES[cfg.recipe]["stages"]]
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    micro, accum = plan_micro_batch(cfg.batch_size, cfg.micro_batch, ranks, mixes)
+    plan = f"batch {cfg.batch_size} = micro-batch {micro} x {ranks} rank(s) x accumulation {accum}"
+    if micro != cfg.micro_batch:
+        plan += f" (micro_batch {cfg.micro_batch} lowered to fit)"
+    cfg = dataclasses.replace(cfg, micro_batch=micro)
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
-    if cfg.batch_size % (cfg.micro_batch * world_size):
-        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of "
-                         f"micro_batch={cfg.micro_batch} x {world_size} ranks")
-    accum = cfg.batch_size // (cfg.micro_batch * world_size)
     run_dir = os.path.join(cfg.out_dir, cfg.name or cfg.recipe)
     tok = synth.get_tokenizer(cfg.world)
     mcfg = model_config(cfg, tok.get_vocab_size())
     model, ema, opt, start = init_run(cfg, mcfg, run_dir, device, master)
+    frozen, find_unused = freeze_unreached(model, mixes, cfg, tok, mcfg)
     use_compile = compiles(cfg, device)
-    ddp = DDP(model, find_unused_parameters=True) if world_size > 1 else None
+    ddp = DDP(model, find_unused_parameters=find_unused) if world_size > 1 else None
     loss_fn = torch.compile(ddp or model) if use_compile else (ddp or model)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # CPU: fp32
     peak = peak_flops(cfg, device)
     if master:
         n = model.num_params()
         print(f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n['total'] / 1e6:.2f} M "
-              f"params, {world_size} rank(s) on {device}, accumulation {accum}, compile "
-              f"{use_compile}, from step {start}, MFU against {peak / 1e12:.4g} TFLOP/s"
+              f"params, {plan} on {device}, compile {use_compile}, from step {start}, "
+              f"MFU against {peak / 1e12:.4g} TFLOP/s"
               + (" (measured matmul)" if not cfg.peak_tflops else ""))
+        if frozen:
+            print(f"frozen, as no task of the recipe reaches them: {', '.join(frozen)}")
+        if ddp is not None:
+            print(f"DDP over {world_size} ranks, find_unused_parameters={find_unused}")
     stage = None
     log = TrainLog(cfg, run_dir if master else None, device, world_size, start)
     for step in range(start, cfg.max_steps):
@@ -544,10 +609,12 @@ def train(cfg, after_step=None):
             batch = to_device(next(data), device)
             torch.manual_seed(synth.sample_seed("noise", cfg.seed, chunk))  # its noise, t, dropout
             noise = model.draw_noise(batch)  # outside the compiled loss: same draws compiled or not
+            # gradients are all-reduced in the last micro-batch's backward only (no_sync holds
+            # both passes: DDP decides in the forward whether the backward reduces)
             sync = ddp.no_sync() if ddp is not None and a < accum - 1 else contextlib.nullcontext()
-            with sync, amp:
-                loss, parts = loss_fn(batch, noise)
             with sync:
+                with amp:
+                    loss, parts = loss_fn(batch, noise)
                 (loss / accum).backward()
             step_loss += loss.detach() / accum
             log.add(parts)
@@ -650,5 +717,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # under torchrun every rank meets the same error: rank 0 says it
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)

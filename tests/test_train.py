@@ -128,21 +128,90 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
         run(tmp_path, "--name=t2", "--recipe=mixed", f"--init_from={tmp_path}/nothing")
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
-    args = FAST + ["--batch_size=8", "--micro_batch=4", "--max_steps=2", f"--out_dir={tmp_path}"]
+def torchrun(ranks, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *args, "--name=ddp"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "train.py", *args, "--name=one"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
-    for step in one:
-        assert one[step] == pytest.approx(two[step], rel=1e-4)
-    a = load_file(str(tmp_path / "one/step_000002/model.safetensors"))
-    b = load_file(str(tmp_path / "ddp/step_000002/model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_the_micro_batch_adapts_to_the_number_of_ranks():
+    pretrain, staged = ["vqa:2,t2i:1,edit:1"], [mix for _, mix in train.RECIPES["staged"]["stages"]]
+    assert train.plan_micro_batch(32, 32, 1, pretrain) == (32, 1)
+    assert train.plan_micro_batch(32, 32, 2, pretrain) == (16, 1)  # the tiny default on 2 ranks
+    assert train.plan_micro_batch(32, 8, 2, pretrain) == (8, 2)  # the largest micro-batch <= the asked one
+    assert train.plan_micro_batch(256, 64, 8, pretrain) == (32, 1)  # --preset=small on 8 GPUs
+    assert train.plan_micro_batch(30, 32, 3, pretrain) == (10, 1)
+    assert train.plan_micro_batch(32, 32, 4, staged) == (8, 1)
+    with pytest.raises(ValueError, match=r"over 3 ranks: use --batch_size=30 or --batch_size=33$"):
+        train.plan_micro_batch(32, 32, 3, pretrain)
+    with pytest.raises(ValueError, match=r"over 6 ranks: use --batch_size=510 or --batch_size=516$"):
+        train.plan_micro_batch(512, 64, 6, pretrain)
+    # micro-batches of 2 would hold no edit sample: the recipe would silently lose a task
+    with pytest.raises(ValueError, match=r"over 4 ranks: use --batch_size=12$"):
+        train.plan_micro_batch(8, 8, 4, pretrain)
+    with pytest.raises(ValueError, match=r"micro_batch=2 is too small .* raise --micro_batch"):
+        train.plan_micro_batch(32, 2, 1, pretrain)
+
+
+def test_one_two_and_four_ranks_give_the_same_losses_and_weights(tmp_path):
+    args = FAST + ["--batch_size=16", "--micro_batch=4", "--max_steps=2", f"--out_dir={tmp_path}"]
+    for ranks in (1, 2, 4):  # accumulation 4, 2 and 1 over the same 4 micro-batches per step
+        r = torchrun(ranks, *args, f"--name=r{ranks}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"micro-batch 4 x {ranks} rank(s) x accumulation {4 // ranks}" in r.stdout
+        if ranks > 1:  # the pretrain recipe reaches every parameter: DDP needs no search for unused ones
+            assert "find_unused_parameters=False" in r.stdout
+            assert "find_unused_parameters=True" not in r.stderr
+    one = losses(tmp_path / "r1")
+    a = load_file(str(tmp_path / "r1/step_000002/model.safetensors"))
+    for ranks in (2, 4):
+        other = losses(tmp_path / f"r{ranks}")
+        for step in one:
+            assert one[step] == pytest.approx(other[step], rel=1e-4)
+        b = load_file(str(tmp_path / f"r{ranks}/step_000002/model.safetensors"))
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_torchrun_on_two_and_three_ranks_with_the_default_batch(tmp_path):
+    args = ["--device=cpu", "--width=64", "--max_steps=1", "--eval_every=0", f"--out_dir={tmp_path}"]
+    r = torchrun(3, *args, "--name=three")  # 32 samples cannot be split over 3 ranks: one line says what can
+    assert r.returncode != 0
+    assert r.stderr.splitlines()[0] == ("error: batch_size=32 cannot be split into micro-batches of at most 32 "
+                                        "samples over 3 ranks: use --batch_size=30 or --batch_size=33")
+    assert not (tmp_path / "three").exists()
+    r = torchrun(3, *args, "--name=three", "--batch_size=30")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch 30 = micro-batch 10 x 3 rank(s) x accumulation 1 (micro_batch 32 lowered to fit)" in r.stdout
+
+
+def test_a_recipe_that_leaves_parameters_unused_freezes_them_and_runs_under_ddp(tmp_path, tiny_run):
+    r = torchrun(2, "--device=cpu", "--width=64", "--recipe=uniedit", f"--init_from={tiny_run}", "--max_steps=2",
+                 "--eval_every=0", "--save_every=2", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "frozen, as no task of the recipe reaches them: norm.weight, lm_head.weight" in r.stdout
+    assert "find_unused_parameters=False" in r.stdout  # frozen by construction rather than searched for
+    before = load_file(os.path.join(train.newest_checkpoint(tiny_run), "ema.safetensors"))
+    after = load_file(str(tmp_path / "uniedit/step_000002/model.safetensors"))
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    assert not torch.equal(before["to_pixels.weight"], after["to_pixels.weight"])
+
+
+def test_only_a_recipe_whose_stages_reach_different_parameters_searches_for_unused_ones():
+    cfg = train.parse_args(["--device=cpu", "--width=64"])
+    tok = synth.get_tokenizer(cfg.world)
+    mcfg = train.model_config(cfg, tok.get_vocab_size())
+    torch.manual_seed(0)
+    model = train.UMM(mcfg)
+    staged = [mix for _, mix in train.RECIPES["staged"]["stages"]]
+    vqa, gen = (train.reached_parameters(model, mix, cfg, tok, mcfg) for mix in staged[:2])
+    assert "lm_head.weight" in vqa and "to_pixels.weight" not in vqa and "enc_in.weight" in vqa
+    assert "to_pixels.weight" in gen and "lm_head.weight" not in gen
+    assert train.freeze_unreached(model, staged, cfg, tok, mcfg) == ([], True)
+    assert all(p.requires_grad for p in model.parameters())
+    assert train.freeze_unreached(model, ["vqa:2,t2i:1,edit:1"], cfg, tok, mcfg) == ([], False)
+    assert train.freeze_unreached(model, ["t2i:1"], cfg, tok, mcfg)[1] is False
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradient behind
 
 
 def test_compiled_step_equals_eager(tmp_path):
