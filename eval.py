@@ -82,8 +82,11 @@ class Sampling:
     cfg_txt: float = 2.0  # ... and instruction scale (Ovis-U1's dual guidance)
 
     def __post_init__(self):
-        if self.steps < 1 or self.shift < 1:
+        if self.steps < 1 or not 1 <= self.shift < math.inf:
             raise ValueError(f"sampling needs steps >= 1 and shift >= 1, got steps={self.steps}, shift={self.shift}")
+        for key in ("cfg", "cfg_img", "cfg_txt"):
+            if not 0 <= getattr(self, key) < math.inf:  # NaN fails too: it would make every image black
+                raise ValueError(f"--{key}={getattr(self, key)} is out of range: a guidance scale is a number >= 0")
 
 
 # ----------------------------------------------------------------------------- loading and inference

@@ -39,6 +39,7 @@ import glob
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 
@@ -559,17 +560,27 @@ def collate(samples, cfg, tokenizer):
 
 
 # --- loading a trained model (checkpoints are written by train.py) ---
+def checkpoints(run_dir):
+    """The complete step_N folders of a run folder, oldest first: ordered by N, not by name, in which
+    step_1000000 would sort before step_999999."""
+    found = {}
+    for folder in glob.glob(os.path.join(run_dir, "step_*")):
+        m = re.fullmatch(r"step_(\d+)", os.path.basename(folder))
+        if m and os.path.isfile(os.path.join(folder, "config.json")):
+            found[int(m[1])] = folder
+    return [found[step] for step in sorted(found)]
+
+
 def newest_checkpoint(path):
     """A checkpoint folder itself, or the newest complete step_* inside a run folder (or None)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    steps = sorted(glob.glob(os.path.join(path, "step_[0-9]*")))
-    steps = [s for s in steps if os.path.isfile(os.path.join(s, "config.json"))]
+    steps = checkpoints(path)
     return steps[-1] if steps else None
 
 
-def load_weights(path, name, model):
-    """Load `name` (model.safetensors / ema.safetensors) of a checkpoint into model, checking it fits."""
+def read_weights(path, name, model):
+    """The tensors of `name` (model.safetensors / ema.safetensors) of a checkpoint, checked to fit model."""
     file = os.path.join(path, name)
     try:
         state = load_file(file)
@@ -586,6 +597,12 @@ def load_weights(path, name, model):
     if extra:
         raise ValueError(f"checkpoint file {file} has weights this model lacks ({sorted(extra)[0]}, ...): "
                          f"check --mot/--refiner_layers")
+    return state
+
+
+def load_weights(path, name, model):
+    """Load `name` (model.safetensors / ema.safetensors) of a checkpoint into model, checking it fits."""
+    state = read_weights(path, name, model)
     model.load_state_dict(state)
     return state
 

@@ -24,6 +24,8 @@ import math
 import os
 import platform
 import shutil
+import signal
+import socket
 import statistics
 import sys
 import time
@@ -32,13 +34,14 @@ from dataclasses import dataclass, asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch._dynamo.utils import counters as dynamo_counters
 from tqdm import tqdm
 
 import synth
 from eval import evaluate, headline, on, to_markdown, to_uint8
-from model import TASK_GROUP, UMM, UMMConfig, collate, load_weights, newest_checkpoint, read_meta
+from model import (TASK_GROUP, UMM, UMMConfig, checkpoints, collate, load_weights, newest_checkpoint, read_meta,
+                   read_weights)
 
 
 @dataclass
@@ -64,7 +67,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.05
     beta2: float = 0.99
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     ema: float = 0.995  # decay per step of the EMA weights that eval and sampling use
     # model (0 or -1 = the preset's or recipe's value)
     width: int = 0
@@ -77,12 +80,76 @@ class TrainConfig:
     compile: int = -1  # -1: on CUDA only
     bench: int = 0  # > 0: time this many steps after BENCH_WARMUP, print one row of the speed table, save nothing
     device: str = ""  # default: cuda if available, else cpu
-    # logging, eval, checkpoints
-    log_every: int = 50
+    # logging, eval, checkpoints; a log line also closes at each checkpoint, so a resumed run logs the same lines
+    log_every: int = 50  # 0: a line at checkpoints only
     eval_every: int = 1200  # 0: never
-    save_every: int = 1200
-    keep: int = 2  # newest checkpoints kept
+    save_every: int = 1200  # 0: the final checkpoint only
+    keep: int = 2  # newest checkpoints kept; 0: all
     peak_tflops: float = 0.0  # what MFU divides by; 0: this device's measured dense matmul rate
+
+
+def at_least(low, note=""):
+    return lambda v: v >= low, f">= {low}{note}"
+
+
+# What each numeric key of TrainConfig must be: a test of its value, and the same in words for the error.
+VALID = {
+    "seed": at_least(0),
+    "num_workers": at_least(0),
+    "batch_size": at_least(1),
+    "micro_batch": at_least(1),
+    "max_steps": at_least(1),
+    "lr": at_least(0),
+    "min_lr": at_least(0),  # and at most lr, checked apart
+    "warmup": at_least(0),
+    "weight_decay": at_least(0),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": at_least(0, " (0: no clipping)"),
+    "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),  # 1 would freeze the EMA at the initial weights
+    "width": (lambda v: v == 0 or v >= 32, "0 (the preset's) or >= 32"),  # depth = width // 32
+    "refiner_layers": at_least(0),
+    "src_pixel_dropout": (lambda v: v == -1 or 0 <= v <= 1, "-1 (the recipe's) or in [0, 1]"),
+    "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
+    "bench": at_least(0),
+    "log_every": at_least(0, " (0: a line at checkpoints only)"),
+    "eval_every": at_least(0, " (0: never)"),
+    "save_every": at_least(0, " (0: the final checkpoint only)"),
+    "keep": at_least(0, " (0: keep all)"),
+    "peak_tflops": at_least(0, " (0: measured)"),
+}
+
+
+def check_config(cfg):
+    """Refuse, in one pass before anything runs, a config that would crash later or train silently wrong:
+    every numeric key against VALID, then the mix and the device; the error names key, value and range."""
+    for f in dataclasses.fields(cfg):
+        if f.type in (int, float):
+            test, must = VALID[f.name]
+            value = getattr(cfg, f.name)
+            if not (math.isfinite(value) and test(value)):
+                raise ValueError(f"--{f.name}={value} is out of range: it must be {must}")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"--min_lr={cfg.min_lr} is out of range: it must be in [0, lr={cfg.lr}] (the cosine "
+                         f"decays from lr to min_lr)")
+    if cfg.mix:
+        parse_mix(cfg.mix)
+    check_device(cfg.device)
+
+
+def check_device(name):
+    """The device a run asks for exists on this machine ("" is the default: cuda if there is one, else cpu)."""
+    if not name:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device={name}: train.py runs on cpu or cuda")
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        fix = "use --device=cpu" if gpus == 0 else f"use cuda:0 to cuda:{gpus - 1}"
+        raise ValueError(f"--device={name}, but this machine has {gpus} CUDA GPU(s): {fix}")
 
 
 BENCH_WARMUP = 10  # steps --bench runs before timing: compilation and autotuning happen in them
@@ -156,7 +223,12 @@ def parse_mix(mix):
         task, _, w = part.partition(":")
         if task not in synth.TASKS:
             raise ValueError(f"mix names unknown task {task!r}: choose from {', '.join(synth.TASKS)}")
-        out[task] = float(w or 1)
+        try:
+            out[task] = float(w or 1)
+        except ValueError:
+            out[task] = math.nan  # refused just below, with the other bad weights
+        if not (math.isfinite(out[task]) and out[task] > 0):
+            raise ValueError(f"--mix={mix}: the weight of {task} is {w!r}; it must be a number > 0")
     return out
 
 
@@ -237,6 +309,8 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    if os.environ.get("NANOUMM_TEST_KILL_IN_SAVE") == str(step):  # the crash test in tests/test_train.py
+        os.kill(os.getpid(), signal.SIGKILL)  # dies with this checkpoint half written
     save_file({k: v.cpu().contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
     torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
     tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -245,9 +319,138 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
-    for old in sorted(glob.glob(os.path.join(run_dir, "step_[0-9]*")))[:-keep]:
-        shutil.rmtree(old)
+    if keep:  # 0 keeps every checkpoint
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
     return final
+
+
+def saves_at(cfg, done):
+    """Is a checkpoint written after `done` steps? Every save_every steps (0: never) and at the end."""
+    return done == cfg.max_steps or (cfg.save_every > 0 and done % cfg.save_every == 0)
+
+
+def logs_at(cfg, done):
+    """Is a line logged after `done` steps? Every log_every steps (0: never) and at every checkpoint: no
+    line averages over a checkpoint, so a run resumed from one logs the same lines as without the stop."""
+    return saves_at(cfg, done) or (cfg.log_every > 0 and done % cfg.log_every == 0)
+
+
+# The keys that decide which samples and noise each step sees, or the model: a resumed run must match its
+# checkpoint in each (max_steps places the stages of a recipe; the model's own config is compared whole).
+RESUME_KEYS = ("recipe", "seed", "world", "data", "mix", "batch_size", "micro_batch", "max_steps")
+
+
+def check_resume(meta, cfg, mcfg, ckpt):
+    """Refuse to resume from checkpoint `ckpt` (its config.json is `meta`) with a different stream or model."""
+    if meta["model"] != asdict(mcfg):
+        diff = [k for k in meta["model"] if meta["model"][k] != asdict(mcfg).get(k)]
+        raise ValueError(f"checkpoint {ckpt}/config.json has a different model config ({', '.join(diff)}) "
+                         f"than this run")
+    for key in RESUME_KEYS:
+        if meta["train"][key] != getattr(cfg, key):
+            raise ValueError(f"checkpoint {ckpt}/config.json has {key}={meta['train'][key]!r}, "
+                             f"this run {key}={getattr(cfg, key)!r}: resume with the same value")
+
+
+# ----------------------------------------------------------------------------- the run folder
+# A run folder holds checkpoints, log.jsonl (losses, lr, grad norm, eval scores: what a resumed run
+# reproduces), speed.jsonl (timings, which no rerun reproduces) and, while a run writes into it, LOCK.
+
+LOCK = "lock"  # "pid host" of the process that holds the folder
+
+
+def claim_run_dir(run_dir, resume):
+    """Check that run_dir suits the run, then hold it: a new run needs a folder without checkpoints or
+    log (nothing is overwritten), --resume one with a checkpoint or at least a log (of a run that died
+    before its first checkpoint: it starts over). Leftovers of a checkpoint write cut short are removed."""
+    has_ckpt = newest_checkpoint(run_dir) is not None
+    has_log = os.path.exists(os.path.join(run_dir, "log.jsonl"))
+    if resume and not has_ckpt and not has_log:
+        raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start fresh")
+    if not resume and (has_ckpt or has_log):
+        what = "checkpoints" if has_ckpt else "the log of a run that died before its first checkpoint"
+        raise ValueError(f"{run_dir} already holds {what}: pass --resume to continue it or --name=NAME "
+                         f"for a new run (nothing is overwritten)")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        hold(run_dir)
+    except OSError as e:
+        raise ValueError(f"cannot write the run folder {run_dir} ({e.strerror}): pass a writable --out_dir "
+                         f"or another --name") from None
+    for tmp in glob.glob(os.path.join(run_dir, ".tmp_step_*")):
+        shutil.rmtree(tmp)
+
+
+def hold(run_dir):
+    """Create run_dir/LOCK with this process's id, refusing while another live process holds it; the lock
+    of a process that is gone (killed, crashed, or an earlier run in this process that raised) is taken
+    over. Checked at start only: two runs started at the same instant over a dead lock could both pass."""
+    path = os.path.join(run_dir, LOCK)
+    while True:
+        try:
+            with open(path, "x") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return
+        except FileExistsError:
+            with open(path) as f:
+                holder = f.read().split()
+            if alive(holder):
+                who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "an unknown process"
+                raise ValueError(f"{run_dir} is held by {who} (its lock file {path}): wait for that run to "
+                                 f"end, or delete the file if no run uses the folder") from None
+            os.remove(path)
+
+
+def alive(holder):
+    """Is the process named by a lock's ["pid", "host"] running? On another host it cannot be told: yes."""
+    if len(holder) != 2 or not holder[0].isdigit() or holder[1] != socket.gethostname():
+        return True
+    pid = int(holder[0])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def release(run_dir):
+    os.remove(os.path.join(run_dir, LOCK))
+
+
+def cut_log(path, step):
+    """Keep the lines of a .jsonl log up to `step`, which a resumed run continues from (it logs the later
+    steps again); the file is replaced whole (temp + rename), so a crash here loses nothing. A last line
+    without its newline is a write cut short by a crash, and dropped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for i, line in enumerate(lines, 1):
+        if i == len(lines) and not line.endswith("\n"):
+            break
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path} line {i} is not a log record with a step: repair or delete the line") from None
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def open_logs(run_dir, step):
+    """log.jsonl and speed.jsonl for appending, each first cut back to `step`."""
+    files = []
+    for name in ("log.jsonl", "speed.jsonl"):
+        cut_log(os.path.join(run_dir, name), step)
+        files.append(open(os.path.join(run_dir, name), "a"))
+    return files
 
 
 # ----------------------------------------------------------------------------- training
@@ -279,9 +482,9 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def median_seconds(fn, device, repeats=5):
-    """Median wall time of fn() over `repeats` calls after one warm-up call (which builds kernels, and
-    lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
+def timings(fn, device, repeats):
+    """Wall times of `repeats` calls of fn() after one warm-up call (which builds kernels, and lets the
+    BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
     times = []
     for _ in range(repeats + 1):
         if device.type == "cuda":
@@ -291,16 +494,21 @@ def median_seconds(fn, device, repeats=5):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return times[1:]
+
+
+def median_seconds(fn, device, repeats=5):
+    return statistics.median(timings(fn, device, repeats))
 
 
 @functools.cache
 def measured_matmul_flops(device):
-    """Median rate of one large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU).
+    """Best rate of 10 timings of one large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU).
 
     Measured rather than read off a data sheet: it is what this device, at its clocks and power
     limit, reaches on the best case of the op the model spends its time in. The data-sheet dense
-    bf16 peak of an H100/H200 SXM is 989 TFLOP/s; MFU against it is lower by the ratio printed."""
+    bf16 peak of an H100/H200 SXM is 989 TFLOP/s; MFU against it is lower by the ratio printed.
+    The best rather than the median: other work on the device only ever slows a timing down."""
     n, dtype, reps = (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 1)
     a = torch.ones(n, n, device=device, dtype=dtype)  # ones, not randn: the RNG stream stays untouched
 
@@ -308,7 +516,7 @@ def measured_matmul_flops(device):
         for _ in range(reps):
             a @ a
 
-    return 2 * n ** 3 * reps / median_seconds(matmuls, device)
+    return 2 * n ** 3 * reps / min(timings(matmuls, device, repeats=10))
 
 
 def setup_distributed(cfg):
@@ -332,9 +540,29 @@ def rates(model, counts, cfg, dt, peak):
             "images_per_s": per_s(lambda t: t != "vqa"), "mfu": flops / peak}
 
 
+def checked_rates(model, counts, cfg, dt, peak, device):
+    """rates(), and the peak they divide by: a measured peak that the run beats (MFU above 1) was timed
+    while other work slowed the device, so it is measured again and the higher of the two kept."""
+    r = rates(model, counts, cfg, dt, peak)
+    if r["mfu"] > 1 and not cfg.peak_tflops:
+        measured_matmul_flops.cache_clear()
+        peak = max(peak, measured_matmul_flops(device))
+        r = rates(model, counts, cfg, dt, peak)
+    return r, peak
+
+
+def mfu_text(mfu, cfg):
+    """MFU as printed: one above 100% says that the peak it divides by is wrong, and why."""
+    if mfu <= 1:
+        return f"{100 * mfu:.1f}%"
+    why = "--peak_tflops is below this device's" if cfg.peak_tflops else "measured twice, the peak was low both times"
+    return f"{100 * mfu:.1f}% (over 100%: the peak it divides by is wrong; {why})"
+
+
 def bench_row(cfg, model, counts, dt, peak, device, graphs, compiled):
     """Print and return the --bench result: one row of README's speed table."""
-    r = {**rates(model, counts, cfg, dt, peak), "peak_tflops": peak / 1e12, "recompiles": graphs,
+    r, peak = checked_rates(model, counts, cfg, dt, peak, device)
+    r = {**r, "peak_tflops": peak / 1e12, "recompiles": graphs,
          "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
     setup = "compile" if compiled else "eager"
     setup += " + kernels" * cfg.kernels + (" + flex" if cfg.flex and device.type == "cuda" else " + sdpa")
@@ -342,12 +570,13 @@ def bench_row(cfg, model, counts, dt, peak, device, graphs, compiled):
     print("| preset | setup | device | tokens/s | images/s | ms/step | MFU | of peak TFLOP/s "
           "| peak mem GiB | recompiles after warm-up |")
     print(f"| {cfg.preset} | {setup} | {device_name(device)} | "
-          f"{r['tokens_per_s']:,.0f} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {100 * r['mfu']:.1f}% | "
+          f"{r['tokens_per_s']:,.0f} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {mfu_text(r['mfu'], cfg)} | "
           f"{r['peak_tflops']:.4g} | {mem} | {graphs} |")
     return r
 
 
 def train(cfg):
+    check_config(cfg)
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
     if cfg.bench:  # a timing run: warm-up steps, then the timed ones; no log, checkpoint or eval
@@ -364,25 +593,21 @@ def train(cfg):
 
     # where to start: resume this run, or initialise from another checkpoint, or from scratch
     start, resume_from = 0, newest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start fresh")
-    if not cfg.resume and newest_checkpoint(run_dir) and master and not cfg.bench:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it or --name=NAME "
-                         f"for a new run (nothing is overwritten)")
+    if master and not cfg.bench:
+        claim_run_dir(run_dir, cfg.resume)
     if RECIPES[cfg.recipe]["init"] and not cfg.init_from and not resume_from:
         raise ValueError(f"recipe {cfg.recipe!r} tunes a pretrained model: pass --init_from=CHECKPOINT")
     if resume_from:
         meta = read_meta(resume_from)
-        if meta["model"] != asdict(mcfg):
-            diff = [k for k in meta["model"] if meta["model"][k] != asdict(mcfg).get(k)]
-            raise ValueError(f"checkpoint {resume_from}/config.json has a different model config ({', '.join(diff)}) "
-                             f"than this run")
-        for key in ("recipe", "batch_size", "seed", "world", "mix", "data"):
-            if meta["train"][key] != getattr(cfg, key):
-                raise ValueError(f"checkpoint {resume_from}/config.json has {key}={meta['train'][key]!r}, "
-                                 f"this run {key}={getattr(cfg, key)!r}: resume with the same value")
-        load_weights(resume_from, "model.safetensors", model)
+        check_resume(meta, cfg, mcfg, resume_from)
         start = meta["step"]
+        if start >= cfg.max_steps:
+            if master:
+                print(f"run {run_dir} has finished: its checkpoint {resume_from} is of the last step "
+                      f"(--max_steps={cfg.max_steps}); nothing to resume")
+                release(run_dir)
+            return run_dir
+        load_weights(resume_from, "model.safetensors", model)
     elif cfg.init_from:
         src = newest_checkpoint(cfg.init_from)
         if src is None:
@@ -390,7 +615,7 @@ def train(cfg):
         load_weights(src, "ema.safetensors", model)  # tune from the EMA weights, as released models are
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     if resume_from:
-        ema = {k: v.to(device) for k, v in load_file(os.path.join(resume_from, "ema.safetensors")).items()}
+        ema = {k: v.to(device) for k, v in read_weights(resume_from, "ema.safetensors", model).items()}
 
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and embeddings of 1-D don't
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -416,9 +641,7 @@ def train(cfg):
         print(f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n['total'] / 1e6:.2f} M params, "
               f"{world_size} rank(s) on {device}, accumulation {accum}, compile {use_compile}, from step {start}, "
               f"MFU against {peak / 1e12:.4g} TFLOP/s" + (" (measured matmul)" if not cfg.peak_tflops else ""))
-    if master and not cfg.bench:
-        os.makedirs(run_dir, exist_ok=True)
-    log = open(os.path.join(run_dir, "log.jsonl"), "a") if master and not cfg.bench else None
+    log, speed = open_logs(run_dir, start) if master and not cfg.bench else (None, None)
     stage, data = None, None
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not master, dynamic_ncols=True, desc=cfg.recipe)
     t_last, sums, count = time.perf_counter(), torch.zeros(2, len(LOGGED), device=device), 0  # (sum, n) per logged loss
@@ -460,7 +683,7 @@ def train(cfg):
         if world_size > 1:  # every rank sees the global loss, so all of them stop together on a NaN
             dist.all_reduce(step_loss)
             step_loss /= world_size
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: the norm only
         step_loss, gnorm = torch.stack([step_loss.float(), gnorm.float()]).tolist()  # the step's one wait
         if not math.isfinite(step_loss):  # stop before the update: nothing broken reaches a checkpoint
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the run stopped before updating "
@@ -472,34 +695,39 @@ def train(cfg):
             torch._foreach_lerp_([ema[k] for k in live], [v.float() for v in live.values()], 1 - cfg.ema)
         count += 1
         done = step + 1
-        if not cfg.bench and (done % cfg.log_every == 0 or done == cfg.max_steps):
+        if not cfg.bench and logs_at(cfg, done):
             if world_size > 1:
                 dist.all_reduce(sums)
             means = {k: (sums[0, i] / sums[1, i]).item() for i, k in enumerate(LOGGED) if sums[1, i] > 0}
             dt = (time.perf_counter() - t_last) / count
-            rec = {"step": done, **means, "lr": lr_at(cfg, step), "grad_norm": gnorm,
-                   **rates(model, stream.counts, cfg, dt, peak), "stage": stage}
+            rec = {"step": done, **means, "lr": lr_at(cfg, step), "grad_norm": gnorm, "stage": stage}
+            r, peak = checked_rates(model, stream.counts, cfg, dt, peak, device)
             sums, count, t_last = torch.zeros_like(sums), 0, time.perf_counter()
             if master:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                speed.write(json.dumps({"step": done, **r, "peak_tflops": peak / 1e12}) + "\n")
+                speed.flush()
                 eta = dt * (cfg.max_steps - done)
                 show = lambda k: f"{rec[k]:.4f}" if k in rec else "-"
                 bar.write(f"step {done:6d} | ce {show('ce')} | flow {show('flow')} | "
                           f"lr {rec['lr']:.2e} | gnorm {gnorm:.2f} | {dt * 1e3:.0f} ms | "
-                          f"{rec['tokens_per_s']:,.0f} tok/s | {rec['images_per_s']:,.1f} img/s | "
-                          f"mfu {100 * rec['mfu']:.1f}% | eta {eta / 60:.1f} min")
+                          f"{r['tokens_per_s']:,.0f} tok/s | {r['images_per_s']:,.1f} img/s | "
+                          f"mfu {mfu_text(r['mfu'], cfg)} | eta {eta / 60:.1f} min")
         bar.update(1)
-        if not cfg.bench and (done % cfg.save_every == 0 or done == cfg.max_steps):
+        # eval before the checkpoint: a run stopped between the two redoes both, so its log gets the eval line
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
+        if not cfg.bench and saves_at(cfg, done):
             if master:
                 save_checkpoint(run_dir, done, model, ema, opt, meta, tok, cfg.keep)
             if world_size > 1:
                 dist.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
     bar.close()
     if log:
         log.close()
+        speed.close()
+        release(run_dir)
     row = None
     if cfg.bench:
         if device.type == "cuda":
@@ -553,5 +781,5 @@ def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_
 if __name__ == "__main__":
     try:
         train(parse_args(sys.argv[1:]))
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:  # bad input or a diverged run: one line, no traceback
         sys.exit(f"error: {e}")
