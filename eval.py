@@ -85,8 +85,9 @@ class Sampling:
         if self.steps < 1 or not 1 <= self.shift < math.inf:
             raise ValueError(f"sampling needs steps >= 1 and shift >= 1, got steps={self.steps}, shift={self.shift}")
         for key in ("cfg", "cfg_img", "cfg_txt"):
-            if not 0 <= getattr(self, key) < math.inf:  # NaN fails too: it would make every image black
-                raise ValueError(f"--{key}={getattr(self, key)} is out of range: a guidance scale is a number >= 0")
+            scale = getattr(self, key)
+            if not 0 <= scale < math.inf:  # NaN fails too: it made every image black
+                raise ValueError(f"--{key}={scale} is out of range: a guidance scale is >= 0")
 
 
 # ----------------------------------------------------------------------------- loading and inference

@@ -561,8 +561,8 @@ def collate(samples, cfg, tokenizer):
 
 # --- loading a trained model (checkpoints are written by train.py) ---
 def checkpoints(run_dir):
-    """The complete step_N folders of a run folder, oldest first: ordered by N, not by name, in which
-    step_1000000 would sort before step_999999."""
+    """The complete step_N folders of a run folder, oldest first: ordered by N, not by name (in
+    which step_1000000 would come before step_999999)."""
     found = {}
     for folder in glob.glob(os.path.join(run_dir, "step_*")):
         m = re.fullmatch(r"step_(\d+)", os.path.basename(folder))
@@ -580,7 +580,8 @@ def newest_checkpoint(path):
 
 
 def read_weights(path, name, model):
-    """The tensors of `name` (model.safetensors / ema.safetensors) of a checkpoint, checked to fit model."""
+    """The tensors of `name` (model.safetensors / ema.safetensors) of a checkpoint, checked to fit
+    model."""
     file = os.path.join(path, name)
     try:
         state = load_file(file)
@@ -601,7 +602,7 @@ def read_weights(path, name, model):
 
 
 def load_weights(path, name, model):
-    """Load `name` (model.safetensors / ema.safetensors) of a checkpoint into model, checking it fits."""
+    """Load `name` of a checkpoint into model, checked by read_weights."""
     state = read_weights(path, name, model)
     model.load_state_dict(state)
     return state

@@ -92,13 +92,14 @@ def check_out(folder):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--out {folder} cannot be made ({e.strerror}): pass a writable folder") from None
+        raise ValueError(f"--out {folder} cannot be made ({e.strerror}): pass a writable "
+                         f"folder") from None
     if not os.access(folder, os.W_OK):
         raise ValueError(f"--out {folder} is not writable: pass a writable folder")
 
 
 def clear(folder, pattern):
-    """Remove the images of an earlier call under `pattern`, so that a fresh set never mixes with an older."""
+    """Remove the images of an earlier call under `pattern`: a fresh set never mixes with an old."""
     for old in glob.glob(os.path.join(folder, pattern)):
         os.remove(old)
 
@@ -106,7 +107,8 @@ def clear(folder, pattern):
 def save(img, path, scale=1):
     """Write a PNG whole (temp + rename): a crash never leaves a cut image under the name."""
     im = Image.fromarray(img)
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path + ".tmp", format="PNG")
+    big = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    big.save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
     return path
 
@@ -173,8 +175,9 @@ def main(argv=None):
         if a.n < 1:
             raise ValueError(f"--n must be at least 1, got {a.n}")
         if a.bench < 0:
-            raise ValueError(f"--bench {a.bench} is out of range: it must be >= 0 (0: sample, don't time)")
-        texts = [("--question", a.question), ("--prompt", a.prompt)] + [("--edit", e) for e in a.edit or []]
+            raise ValueError(f"--bench {a.bench} is out of range: it must be >= 0 (0: no timing)")
+        texts = [("--question", a.question), ("--prompt", a.prompt)]
+        texts += [("--edit", e) for e in a.edit or []]
         for flag, text in texts:
             if text is not None and not text.strip():
                 raise ValueError(f"{flag} is blank: give the text itself")

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 import synth
 from eval import evaluate, headline, on, to_markdown, to_uint8
-from model import (TASK_GROUP, UMM, UMMConfig, checkpoints, collate, load_weights, newest_checkpoint, read_meta,
-                   read_weights)
+from model import (TASK_GROUP, UMM, UMMConfig, checkpoints, collate, load_weights,
+                   newest_checkpoint, read_meta, read_weights)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
     compile: int = -1  # -1: on CUDA only
     bench: int = 0  # > 0: time this many steps after BENCH_WARMUP, print one row of the speed table, save nothing
     device: str = ""  # default: cuda if available, else cpu
-    # logging, eval, checkpoints; a log line also closes at each checkpoint, so a resumed run logs the same lines
+    # logging, eval, checkpoints (a log line also closes at each checkpoint: see logs_at)
     log_every: int = 50  # 0: a line at checkpoints only
     eval_every: int = 1200  # 0: never
     save_every: int = 1200  # 0: the final checkpoint only
@@ -92,7 +92,7 @@ def at_least(low, note=""):
     return lambda v: v >= low, f">= {low}{note}"
 
 
-# What each numeric key of TrainConfig must be: a test of its value, and the same in words for the error.
+# What each numeric key of TrainConfig must be: a test of its value, and the same in words.
 VALID = {
     "seed": at_least(0),
     "num_workers": at_least(0),
@@ -120,8 +120,9 @@ VALID = {
 
 
 def check_config(cfg):
-    """Refuse, in one pass before anything runs, a config that would crash later or train silently wrong:
-    every numeric key against VALID, then the mix and the device; the error names key, value and range."""
+    """Refuse, in one pass before anything runs, a config that would crash later or train silently
+    wrong: every numeric key against VALID, then the mix and the device. The one-line error names
+    the key, its value and what it must be."""
     for f in dataclasses.fields(cfg):
         if f.type in (int, float):
             test, must = VALID[f.name]
@@ -129,15 +130,15 @@ def check_config(cfg):
             if not (math.isfinite(value) and test(value)):
                 raise ValueError(f"--{f.name}={value} is out of range: it must be {must}")
     if cfg.min_lr > cfg.lr:
-        raise ValueError(f"--min_lr={cfg.min_lr} is out of range: it must be in [0, lr={cfg.lr}] (the cosine "
-                         f"decays from lr to min_lr)")
+        raise ValueError(f"--min_lr={cfg.min_lr} is out of range: it must be in [0, lr={cfg.lr}] "
+                         f"(the cosine decays from lr to min_lr)")
     if cfg.mix:
         parse_mix(cfg.mix)
     check_device(cfg.device)
 
 
 def check_device(name):
-    """The device a run asks for exists on this machine ("" is the default: cuda if there is one, else cpu)."""
+    """The device a run asks for exists on this machine ("": cuda if there is one, else cpu)."""
     if not name:
         return
     try:
@@ -309,8 +310,8 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-    if os.environ.get("NANOUMM_TEST_KILL_IN_SAVE") == str(step):  # the crash test in tests/test_train.py
-        os.kill(os.getpid(), signal.SIGKILL)  # dies with this checkpoint half written
+    if os.environ.get("NANOUMM_TEST_KILL_IN_SAVE") == str(step):  # test_train.py's crash test:
+        os.kill(os.getpid(), signal.SIGKILL)  # it dies with this checkpoint half written
     save_file({k: v.cpu().contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
     torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
     tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -326,27 +327,29 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
 
 
 def saves_at(cfg, done):
-    """Is a checkpoint written after `done` steps? Every save_every steps (0: never) and at the end."""
+    """Is a checkpoint written after `done` steps? Every save_every (0: never), and at the end."""
     return done == cfg.max_steps or (cfg.save_every > 0 and done % cfg.save_every == 0)
 
 
 def logs_at(cfg, done):
-    """Is a line logged after `done` steps? Every log_every steps (0: never) and at every checkpoint: no
-    line averages over a checkpoint, so a run resumed from one logs the same lines as without the stop."""
+    """Is a line logged after `done` steps? Every log_every steps (0: never) and at each checkpoint:
+    no line averages over a checkpoint, so a run resumed from one logs the lines of the run that
+    never stopped."""
     return saves_at(cfg, done) or (cfg.log_every > 0 and done % cfg.log_every == 0)
 
 
-# The keys that decide which samples and noise each step sees, or the model: a resumed run must match its
-# checkpoint in each (max_steps places the stages of a recipe; the model's own config is compared whole).
+# The keys that decide the samples and noise of each step: a resumed run must match its checkpoint
+# in each (max_steps places the stages of a recipe), as well as in the whole model config.
 RESUME_KEYS = ("recipe", "seed", "world", "data", "mix", "batch_size", "micro_batch", "max_steps")
 
 
 def check_resume(meta, cfg, mcfg, ckpt):
-    """Refuse to resume from checkpoint `ckpt` (its config.json is `meta`) with a different stream or model."""
+    """Refuse to resume from checkpoint `ckpt` (whose config.json is `meta`) with another stream or
+    model: the run would no longer be the one that stopped."""
     if meta["model"] != asdict(mcfg):
         diff = [k for k in meta["model"] if meta["model"][k] != asdict(mcfg).get(k)]
-        raise ValueError(f"checkpoint {ckpt}/config.json has a different model config ({', '.join(diff)}) "
-                         f"than this run")
+        raise ValueError(f"checkpoint {ckpt}/config.json has a different model config "
+                         f"({', '.join(diff)}) than this run")
     for key in RESUME_KEYS:
         if meta["train"][key] != getattr(cfg, key):
             raise ValueError(f"checkpoint {ckpt}/config.json has {key}={meta['train'][key]!r}, "
@@ -354,38 +357,39 @@ def check_resume(meta, cfg, mcfg, ckpt):
 
 
 # ----------------------------------------------------------------------------- the run folder
-# A run folder holds checkpoints, log.jsonl (losses, lr, grad norm, eval scores: what a resumed run
-# reproduces), speed.jsonl (timings, which no rerun reproduces) and, while a run writes into it, LOCK.
+# out_dir/name holds the checkpoints, log.jsonl (losses, lr, grad norm, eval scores: what a resumed
+# run reproduces), speed.jsonl (timings: what no rerun reproduces) and, while a run writes, LOCK.
 
 LOCK = "lock"  # "pid host" of the process that holds the folder
 
 
 def claim_run_dir(run_dir, resume):
-    """Check that run_dir suits the run, then hold it: a new run needs a folder without checkpoints or
-    log (nothing is overwritten), --resume one with a checkpoint or at least a log (of a run that died
-    before its first checkpoint: it starts over). Leftovers of a checkpoint write cut short are removed."""
+    """Check that run_dir suits the run, then hold it. A new run needs a folder without checkpoints
+    or log (nothing is overwritten); --resume needs a checkpoint, or at least the log of a run that
+    died before its first one (it starts over). Leftovers of a checkpoint write cut short go."""
     has_ckpt = newest_checkpoint(run_dir) is not None
     has_log = os.path.exists(os.path.join(run_dir, "log.jsonl"))
     if resume and not has_ckpt and not has_log:
-        raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start fresh")
+        raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start "
+                         f"fresh")
     if not resume and (has_ckpt or has_log):
-        what = "checkpoints" if has_ckpt else "the log of a run that died before its first checkpoint"
-        raise ValueError(f"{run_dir} already holds {what}: pass --resume to continue it or --name=NAME "
-                         f"for a new run (nothing is overwritten)")
+        what = "checkpoints" if has_ckpt else "the log of a run that died before its first one"
+        raise ValueError(f"{run_dir} already holds {what}: pass --resume to continue it or "
+                         f"--name=NAME for a new run (nothing is overwritten)")
     try:
         os.makedirs(run_dir, exist_ok=True)
         hold(run_dir)
     except OSError as e:
-        raise ValueError(f"cannot write the run folder {run_dir} ({e.strerror}): pass a writable --out_dir "
-                         f"or another --name") from None
+        raise ValueError(f"cannot write the run folder {run_dir} ({e.strerror}): pass a writable "
+                         f"--out_dir or another --name") from None
     for tmp in glob.glob(os.path.join(run_dir, ".tmp_step_*")):
         shutil.rmtree(tmp)
 
 
 def hold(run_dir):
-    """Create run_dir/LOCK with this process's id, refusing while another live process holds it; the lock
-    of a process that is gone (killed, crashed, or an earlier run in this process that raised) is taken
-    over. Checked at start only: two runs started at the same instant over a dead lock could both pass."""
+    """Create run_dir/LOCK with this process's id; refuse while another live process holds it, and
+    take over the lock of one that is gone (killed, crashed, or an earlier run in this process that
+    raised). Checked at start only: two runs started at once over a dead lock could both pass."""
     path = os.path.join(run_dir, LOCK)
     while True:
         try:
@@ -396,14 +400,15 @@ def hold(run_dir):
             with open(path) as f:
                 holder = f.read().split()
             if alive(holder):
-                who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "an unknown process"
-                raise ValueError(f"{run_dir} is held by {who} (its lock file {path}): wait for that run to "
-                                 f"end, or delete the file if no run uses the folder") from None
+                who = f"process {' on '.join(holder)}" if len(holder) == 2 else "an unknown process"
+                raise ValueError(f"{run_dir} is held by {who} (its lock file {path}): wait for "
+                                 f"that run to end, or delete the file if no run uses the folder"
+                                 ) from None
             os.remove(path)
 
 
 def alive(holder):
-    """Is the process named by a lock's ["pid", "host"] running? On another host it cannot be told: yes."""
+    """Is the process of a lock's ["pid", "host"] running? On another host, unknown: yes."""
     if len(holder) != 2 or not holder[0].isdigit() or holder[1] != socket.gethostname():
         return True
     pid = int(holder[0])
@@ -423,9 +428,9 @@ def release(run_dir):
 
 
 def cut_log(path, step):
-    """Keep the lines of a .jsonl log up to `step`, which a resumed run continues from (it logs the later
-    steps again); the file is replaced whole (temp + rename), so a crash here loses nothing. A last line
-    without its newline is a write cut short by a crash, and dropped."""
+    """Keep the lines of a .jsonl log up to `step`, where a resumed run continues (it logs the later
+    steps again). The file is replaced whole (temp + rename), so a crash here loses nothing; a last
+    line without its newline is a write cut short by a crash, and goes."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -438,7 +443,8 @@ def cut_log(path, step):
             if json.loads(line)["step"] <= step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path} line {i} is not a log record with a step: repair or delete the line") from None
+            raise ValueError(f"{path} line {i} is not a log record with a step: repair or delete "
+                             f"the line") from None
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -483,8 +489,8 @@ def device_name(device):
 
 
 def timings(fn, device, repeats):
-    """Wall times of `repeats` calls of fn() after one warm-up call (which builds kernels, and lets the
-    BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
+    """Wall times of `repeats` calls of fn() after one warm-up call (which builds kernels, and lets
+    the BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
     times = []
     for _ in range(repeats + 1):
         if device.type == "cuda":
@@ -503,7 +509,8 @@ def median_seconds(fn, device, repeats=5):
 
 @functools.cache
 def measured_matmul_flops(device):
-    """Best rate of 10 timings of one large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU).
+    """Best rate of 10 timings of a large square matmul in the training dtype (bf16 on CUDA, fp32
+    on CPU).
 
     Measured rather than read off a data sheet: it is what this device, at its clocks and power
     limit, reaches on the best case of the op the model spends its time in. The data-sheet dense
@@ -541,8 +548,8 @@ def rates(model, counts, cfg, dt, peak):
 
 
 def checked_rates(model, counts, cfg, dt, peak, device):
-    """rates(), and the peak they divide by: a measured peak that the run beats (MFU above 1) was timed
-    while other work slowed the device, so it is measured again and the higher of the two kept."""
+    """rates(), and the peak they divide by: a measured peak that the run beats (MFU above 1) was
+    timed while other work slowed the device, so it is measured again and the higher one kept."""
     r = rates(model, counts, cfg, dt, peak)
     if r["mfu"] > 1 and not cfg.peak_tflops:
         measured_matmul_flops.cache_clear()
@@ -555,7 +562,7 @@ def mfu_text(mfu, cfg):
     """MFU as printed: one above 100% says that the peak it divides by is wrong, and why."""
     if mfu <= 1:
         return f"{100 * mfu:.1f}%"
-    why = "--peak_tflops is below this device's" if cfg.peak_tflops else "measured twice, the peak was low both times"
+    why = "--peak_tflops is below this device's" if cfg.peak_tflops else "measured twice, low twice"
     return f"{100 * mfu:.1f}% (over 100%: the peak it divides by is wrong; {why})"
 
 
@@ -570,7 +577,8 @@ def bench_row(cfg, model, counts, dt, peak, device, graphs, compiled):
     print("| preset | setup | device | tokens/s | images/s | ms/step | MFU | of peak TFLOP/s "
           "| peak mem GiB | recompiles after warm-up |")
     print(f"| {cfg.preset} | {setup} | {device_name(device)} | "
-          f"{r['tokens_per_s']:,.0f} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {mfu_text(r['mfu'], cfg)} | "
+          f"{r['tokens_per_s']:,.0f} | {r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | "
+          f"{mfu_text(r['mfu'], cfg)} | "
           f"{r['peak_tflops']:.4g} | {mem} | {graphs} |")
     return r
 
@@ -603,8 +611,8 @@ def train(cfg):
         start = meta["step"]
         if start >= cfg.max_steps:
             if master:
-                print(f"run {run_dir} has finished: its checkpoint {resume_from} is of the last step "
-                      f"(--max_steps={cfg.max_steps}); nothing to resume")
+                print(f"run {run_dir} has finished: its checkpoint {resume_from} is of the last "
+                      f"step (--max_steps={cfg.max_steps}); nothing to resume")
                 release(run_dir)
             return run_dir
         load_weights(resume_from, "model.safetensors", model)
@@ -615,7 +623,8 @@ def train(cfg):
         load_weights(src, "ema.safetensors", model)  # tune from the EMA weights, as released models are
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     if resume_from:
-        ema = {k: v.to(device) for k, v in read_weights(resume_from, "ema.safetensors", model).items()}
+        ema = read_weights(resume_from, "ema.safetensors", model)  # checked as the weights are
+        ema = {k: v.to(device) for k, v in ema.items()}
 
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and embeddings of 1-D don't
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -683,7 +692,8 @@ def train(cfg):
         if world_size > 1:  # every rank sees the global loss, so all of them stop together on a NaN
             dist.all_reduce(step_loss)
             step_loss /= world_size
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: the norm only
+        # grad_clip 0 clips at infinity: the norm is still computed (and logged), the gradients kept
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         step_loss, gnorm = torch.stack([step_loss.float(), gnorm.float()]).tolist()  # the step's one wait
         if not math.isfinite(step_loss):  # stop before the update: nothing broken reaches a checkpoint
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the run stopped before updating "
@@ -700,7 +710,8 @@ def train(cfg):
                 dist.all_reduce(sums)
             means = {k: (sums[0, i] / sums[1, i]).item() for i, k in enumerate(LOGGED) if sums[1, i] > 0}
             dt = (time.perf_counter() - t_last) / count
-            rec = {"step": done, **means, "lr": lr_at(cfg, step), "grad_norm": gnorm, "stage": stage}
+            rec = {"step": done, **means, "lr": lr_at(cfg, step), "grad_norm": gnorm,
+                   "stage": stage}
             r, peak = checked_rates(model, stream.counts, cfg, dt, peak, device)
             sums, count, t_last = torch.zeros_like(sums), 0, time.perf_counter()
             if master:
@@ -715,7 +726,7 @@ def train(cfg):
                           f"{r['tokens_per_s']:,.0f} tok/s | {r['images_per_s']:,.1f} img/s | "
                           f"mfu {mfu_text(r['mfu'], cfg)} | eta {eta / 60:.1f} min")
         bar.update(1)
-        # eval before the checkpoint: a run stopped between the two redoes both, so its log gets the eval line
+        # eval before the checkpoint: a run stopped between the two redoes both, eval line included
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
         if not cfg.bench and saves_at(cfg, done):
@@ -781,5 +792,5 @@ def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_
 if __name__ == "__main__":
     try:
         train(parse_args(sys.argv[1:]))
-    except (ValueError, FloatingPointError) as e:  # bad input or a diverged run: one line, no traceback
+    except (ValueError, FloatingPointError) as e:  # bad input, or a diverged run: one line
         sys.exit(f"error: {e}")
