@@ -5,6 +5,7 @@ even where a GPU is present (exact resume and gloo DDP are CPU facts); the GPU t
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -87,7 +88,7 @@ def test_every_numeric_key_has_a_range_and_the_edges_and_zeros_pass():
              ("log_every", 0), ("width", 32), ("src_pixel_dropout", -1.0),
              ("src_pixel_dropout", 1.0), ("compile", -1), ("lr", 0.0), ("min_lr", 0.0)]
     for key, value in edges:
-        train.check_config(train.TrainConfig(**{"lr": 1e-3, key: value}))
+        train.check_config(train.TrainConfig(**{"min_lr": 0.0, key: value}))
 
 
 @pytest.mark.parametrize("overrides, error", [
@@ -104,13 +105,14 @@ def test_other_bad_keys_are_refused_before_anything_runs(overrides, error):
         train.check_config(train.TrainConfig(**overrides))
 
 
-def test_nan_loss_stops_the_run_with_one_line_and_no_traceback(tmp_path):
+def test_nan_loss_stops_the_run_with_one_line_and_no_traceback(tmp_path, monkeypatch):
     args = FAST + [f"--out_dir={tmp_path}", "--lr=1e9", "--min_lr=0", "--warmup=0"]  # NaN at step 2
-    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                       text=True)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    last = r.stderr.splitlines()[-1]
-    assert last.startswith("error: loss is nan at step 2; the run stopped before updating")
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as e:  # `python train.py ...`, in this process
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    msg = e.value.code  # what Python prints to stderr, alone, before it exits with status 1
+    assert msg.startswith("error: loss is nan at step 2; the run stopped before updating") and (
+        "\n" not in msg)
     assert not train.checkpoints(tmp_path / "pretrain")
 
 
@@ -252,9 +254,8 @@ def test_sigkill_in_a_checkpoint_write_and_mid_run_then_resumes_equal_the_unstop
             p.kill()
             break
     assert p.wait() == -signal.SIGKILL
-    # 3. resumed to the end
-    r = subprocess.run(cmd + ["--resume=1"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # 3. resumed to the end (in this process: it takes over the dead process's lock)
+    run(tmp_path, *args[len(FAST):], "--name=cut", "--resume=1")
     # no lock, no half-written checkpoint; the same bytes as the run that never stopped
     assert sorted(os.listdir(cut)) == ["log.jsonl", "speed.jsonl", "step_000010"]
     last = ["step_000010/" + f for f in ("model.safetensors", "ema.safetensors", "optim.pt")]
