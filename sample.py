@@ -34,7 +34,6 @@ saw together; or the text is longer than the model's text slot.
 warm-up.
 """
 import argparse
-import glob
 import os
 import re
 import sys
@@ -98,10 +97,12 @@ def check_out(folder):
         raise ValueError(f"--out {folder} is not writable: pass a writable folder")
 
 
-def clear(folder, pattern):
-    """Remove the images of an earlier call under `pattern`: a fresh set never mixes with an old."""
-    for old in glob.glob(os.path.join(folder, pattern)):
-        os.remove(old)
+def clear(folder, names):
+    """Remove the images of an earlier call, whose names fullmatch the regex `names`, so that a
+    fresh set never mixes with an old one."""
+    for name in os.listdir(folder):
+        if re.fullmatch(names, name):
+            os.remove(os.path.join(folder, name))
 
 
 def save(img, path, scale=1):
@@ -226,7 +227,7 @@ def main(argv=None):
             sample = {"task": "t2i", "text": a.prompt}
             images = ev.draw(model, tok, [sample] * a.n, [("prompt", a.prompt, k) for k in range(a.n)], sampling,
                              a.seed, a.device)
-            clear(a.out, "gen_*.png")
+            clear(a.out, r"gen_\d\d+\.png")
             for k, im in enumerate(images):
                 save(im, os.path.join(a.out, f"gen_{k:02d}.png"))
             print(f"wrote {a.n} images and {save(row(list(images)), os.path.join(a.out, 'grid.png'), 4)}")
@@ -235,8 +236,8 @@ def main(argv=None):
                 print(f"ShapeEval: {right}/{a.n} images satisfy every clause of the prompt")
         else:
             steps = [image]
-            clear(a.out, "step_*.png")
-            clear(a.out, "target.png")
+            # unpadded numbers only: a training run's grids, samples/step_000100.png, stay
+            clear(a.out, r"step_(0|[1-9]\d*)\.png|target\.png")
             save(image, os.path.join(a.out, "step_0.png"))
             for r, text in enumerate(a.edit, 1):
                 edit = {"task": "edit", "text": text, "image": steps[-1]}

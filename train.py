@@ -397,8 +397,11 @@ def hold(run_dir):
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             return
         except FileExistsError:
-            with open(path) as f:
-                holder = f.read().split()
+            try:
+                with open(path) as f:
+                    holder = f.read().split()
+            except FileNotFoundError:  # given up since: try again
+                continue
             if alive(holder):
                 who = f"process {' on '.join(holder)}" if len(holder) == 2 else "an unknown process"
                 raise ValueError(f"{run_dir} is held by {who} (its lock file {path}): wait for "

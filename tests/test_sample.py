@@ -69,7 +69,7 @@ def test_a_grid_is_written_whole_or_not_at_all(ckpt, tmp_path, monkeypatch):
     real = Image.Image.save
 
     def disk_full_at_the_grid(im, path, *a, **k):
-        if "grid" in str(path):
+        if os.path.basename(path).startswith("grid.png"):
             open(path, "wb").write(b"\x89PNG cut short")
             raise OSError("disk full")
         return real(im, path, *a, **k)
@@ -80,8 +80,12 @@ def test_a_grid_is_written_whole_or_not_at_all(ckpt, tmp_path, monkeypatch):
 
 
 def test_multi_round_edit_and_from_synth(ckpt, tmp_path, png, capsys):
+    (tmp_path / "out").mkdir()
+    for stale in ("step_3.png", "target.png", "step_000100.png"):  # the last: a training run's grid
+        (tmp_path / "out" / stale).write_bytes(b"")
     out = run(ckpt, tmp_path, "--image", png, "--edit", "Remove the red circle.", "--edit", "Paint the square blue.")
-    assert {"step_0.png", "step_1.png", "step_2.png", "strip.png"} <= set(os.listdir(out))
+    files = {"step_0.png", "step_1.png", "step_2.png", "strip.png", "step_000100.png"}
+    assert set(os.listdir(out)) == files  # the earlier call's step_3.png and target.png went
     assert np.array_equal(np.array(Image.open(out / "step_0.png")), np.array(Image.open(png)))
     assert "round 2: Paint the square blue." in capsys.readouterr().out
     out = run(ckpt, tmp_path, "--from_synth", "uniedit:val:7", "--out", str(tmp_path / "ie"))
