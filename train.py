@@ -364,24 +364,26 @@ LOCK = "lock"  # "pid host" of the process that holds the folder
 
 
 def claim_run_dir(run_dir, resume):
-    """Check that run_dir suits the run, then hold it. A new run needs a folder without checkpoints
-    or log (nothing is overwritten); --resume needs a checkpoint, or at least the log of a run that
-    died before its first one (it starts over). Leftovers of a checkpoint write cut short go."""
+    """Hold run_dir for this run, and check that it suits the run. A new run needs a folder
+    without checkpoints or log (nothing is overwritten); --resume needs a checkpoint, or at least
+    the log of a run that died before its first one (it starts over). The leftovers of a
+    checkpoint write cut short go."""
     has_ckpt = newest_checkpoint(run_dir) is not None
     has_log = os.path.exists(os.path.join(run_dir, "log.jsonl"))
-    if resume and not has_ckpt and not has_log:
+    if resume and not has_ckpt and not has_log:  # refused before anything is made
         raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start "
                          f"fresh")
-    if not resume and (has_ckpt or has_log):
-        what = "checkpoints" if has_ckpt else "the log of a run that died before its first one"
-        raise ValueError(f"{run_dir} already holds {what}: pass --resume to continue it or "
-                         f"--name=NAME for a new run (nothing is overwritten)")
     try:
         os.makedirs(run_dir, exist_ok=True)
-        hold(run_dir)
+        hold(run_dir)  # first: a run still writing into the folder is named as such
     except OSError as e:
         raise ValueError(f"cannot write the run folder {run_dir} ({e.strerror}): pass a writable "
                          f"--out_dir or another --name") from None
+    if not resume and (has_ckpt or has_log):
+        release(run_dir)
+        what = "checkpoints" if has_ckpt else "the log of a run that died before its first one"
+        raise ValueError(f"{run_dir} already holds {what}: pass --resume to continue it or "
+                         f"--name=NAME for a new run (nothing is overwritten)")
     for tmp in glob.glob(os.path.join(run_dir, ".tmp_step_*")):
         shutil.rmtree(tmp)
 

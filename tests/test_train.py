@@ -175,15 +175,17 @@ def test_a_log_without_checkpoint_refuses_a_new_run_and_resume_starts_it_over(tm
 def test_a_run_folder_is_held_by_one_live_process(tmp_path):
     held = tmp_path / "held"
     held.mkdir()
+    (held / "log.jsonl").write_text('{"step": 1}\n')  # a run in its first steps ...
     host = socket.gethostname()
-    (held / "lock").write_text(f"{os.getppid()} {host}\n")  # a live process: pytest's parent
-    with pytest.raises(ValueError, match=rf"held by process {os.getppid()} on .*: wait for that"):
-        run(tmp_path, "--name=held", "--max_steps=1")
+    (held / "lock").write_text(f"{os.getppid()} {host}\n")  # ... by a live process: pytest's parent
+    for resume in ("--resume=0", "--resume=1"):
+        with pytest.raises(ValueError, match=rf"held by process {os.getppid()} on .*: wait for"):
+            run(tmp_path, "--name=held", "--max_steps=1", resume)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     (held / "lock").write_text(f"{gone} {host}\n")  # its process has ended
-    run(tmp_path, "--name=held", "--max_steps=1")  # takes the lock over, and gives it up at the end
-    assert not (held / "lock").exists() and train.newest_checkpoint(held)
+    run(tmp_path, "--name=held", "--max_steps=1", "--resume=1")  # takes the lock over; starts over
+    assert not (held / "lock").exists() and train.newest_checkpoint(held)  # given up at the end
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot write the run folder .*file/pretrain .*: pass a "):
         run(tmp_path / "file")
