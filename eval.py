@@ -94,9 +94,13 @@ class Sampling:
     cfg_txt: float = 2.0  # ... and instruction scale (Ovis-U1's dual guidance)
 
     def __post_init__(self):
-        if self.steps < 1 or self.shift < 1:
+        if self.steps < 1 or not 1 <= self.shift < math.inf:
             raise ValueError(f"sampling needs steps >= 1 and shift >= 1, got steps={self.steps}, "
                              f"shift={self.shift}")
+        for key in ("cfg", "cfg_img", "cfg_txt"):
+            scale = getattr(self, key)
+            if not 0 <= scale < math.inf:  # NaN fails too: it made every image black
+                raise ValueError(f"--{key}={scale} is out of range: a guidance scale is >= 0")
 
 
 # ----------------------------------------------------------------------------- model calls

@@ -508,10 +508,9 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def median_seconds(fn, device: torch.device, repeats: int = 5) -> float:
-    """Median wall time of fn() over `repeats` calls after one warm-up call (which builds kernels,
-    and lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU
-    work."""
+def timings(fn, device: torch.device, repeats: int) -> list:
+    """Wall times of `repeats` calls of fn() after one warm-up call (which builds kernels, and
+    lets the BLAS library pick its own); on CUDA each call is timed to the end of its GPU work."""
     times = []
     for _ in range(repeats + 1):
         if device.type == "cuda":
@@ -521,18 +520,26 @@ def median_seconds(fn, device: torch.device, repeats: int = 5) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return times[1:]
 
 
-def measured_matmul_flops(device: torch.device) -> float:
-    """Median rate of one large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU),
-    measured once per device ("cuda" is the current GPU).
+def median_seconds(fn, device: torch.device, repeats: int = 5) -> float:
+    """Median wall time of fn() over `repeats` calls (see timings)."""
+    return statistics.median(timings(fn, device, repeats))
+
+
+def measured_matmul_flops(device: torch.device, fresh: bool = False) -> float:
+    """Best rate of 10 timings of a large square matmul in the training dtype (bf16 on CUDA, fp32
+    on CPU), measured once per device ("cuda" is the current GPU) unless `fresh`. The best, not
+    the median: other work on the device only ever slows a timing down.
 
     Measured rather than read off a data sheet: it is what this device, at its clocks and power
     limit, reaches on the best case of the op the model spends its time in. The data-sheet dense
     bf16 peak of an H100/H200 SXM is 989 TFLOP/s; MFU against it is lower by the ratio printed."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if fresh:
+        _matmul_flops.cache_clear()
     return _matmul_flops(device)
 
 
@@ -547,7 +554,7 @@ def _matmul_flops(device: torch.device) -> float:
         for _ in range(reps):
             a @ a
 
-    return 2 * n ** 3 * reps / median_seconds(matmuls, device)
+    return 2 * n ** 3 * reps / min(timings(matmuls, device, repeats=10))
 
 
 def rates(model, counts: dict, batch_size: int, seconds: float, peak: float) -> dict:
@@ -564,13 +571,21 @@ def rates(model, counts: dict, batch_size: int, seconds: float, peak: float) -> 
             "mfu": flops / micro_batch * batch_size / seconds / peak}
 
 
+def mfu_text(mfu: float, peak_given: bool) -> str:
+    """MFU as printed: one above 100% says that the peak it divides by is wrong, and why."""
+    if mfu <= 1:
+        return f"{100 * mfu:.1f}%"
+    why = "--peak_tflops is below this device's" if peak_given else "measured twice, low twice"
+    return f"{100 * mfu:.1f}% (over 100%: the peak it divides by is wrong; {why})"
+
+
 def print_bench_row(preset: str, setup: str, device: torch.device, r: dict) -> None:
     """Print train.py's --bench result r as one row of README's speed table, under its header."""
     mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
     print("| preset | setup | device | tokens/s | images/s | ms/step | MFU | of peak TFLOP/s "
           "| peak mem GiB | recompiles after warm-up |")
     print(f"| {preset} | {setup} | {device_name(device)} | {r['tokens_per_s']:,.0f} | "
-          f"{r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {100 * r['mfu']:.1f}% | "
+          f"{r['images_per_s']:,.1f} | {r['ms_per_step']:.1f} | {mfu_text(r['mfu'], False)} | "
           f"{r['peak_tflops']:.4g} | {mem} | {r['recompiles']} |")
 
 

@@ -39,6 +39,7 @@ import glob
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -750,19 +751,28 @@ class UMM(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 # (written by train.py)
+def checkpoints(run_dir):
+    """The complete step_N folders of a run folder, oldest first: ordered by N, not by name (in
+    which step_1000000 would come before step_999999)."""
+    found = {}
+    for folder in glob.glob(os.path.join(run_dir, "step_*")):
+        m = re.fullmatch(r"step_(\d+)", os.path.basename(folder))
+        if m and os.path.isfile(os.path.join(folder, "config.json")):
+            found[int(m[1])] = folder
+    return [found[step] for step in sorted(found)]
+
 
 def newest_checkpoint(path):
     """A checkpoint folder itself, or the newest complete step_* inside a run folder (or None)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    steps = sorted(glob.glob(os.path.join(path, "step_[0-9]*")))
-    steps = [s for s in steps if os.path.isfile(os.path.join(s, "config.json"))]
+    steps = checkpoints(path)
     return steps[-1] if steps else None
 
 
-def load_weights(path, name, model):
-    """Load `name` (model.safetensors / ema.safetensors) of a checkpoint into model, checking it
-    fits."""
+def read_weights(path, name, model):
+    """The tensors of `name` (model.safetensors / ema.safetensors) of a checkpoint, checked to fit
+    model."""
     file = os.path.join(path, name)
     try:
         state = load_file(file)
@@ -781,6 +791,12 @@ def load_weights(path, name, model):
     if extra:
         raise ValueError(f"checkpoint file {file} has weights this model lacks "
                          f"({sorted(extra)[0]}, ...): check --mot/--refiner_layers")
+    return state
+
+
+def load_weights(path, name, model):
+    """Load `name` of a checkpoint into model, checked by read_weights."""
+    state = read_weights(path, name, model)
     model.load_state_dict(state)
     return state
 

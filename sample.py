@@ -15,14 +15,18 @@ synth.make_sample(world, task, split, index) for the checkpoint's world; --quest
 
 Outputs, under --out (default out/sample): generation writes gen_00.png ... (native size, so they
 can be fed back with --image) and grid.png (4x, for the eye); editing writes step_0.png (the input),
-step_1.png ... (one per instruction, each edited from the previous output) and strip.png. With
---from_synth the images are also judged by synth.parse and the verdict printed.
+step_1.png ... (one per instruction, each edited from the previous output) and strip.png. A call
+removes the gen_NN.png (or step_N.png and target.png) that an earlier one left there, so a folder
+never mixes two sets; every PNG is written under a temporary name and renamed. With --from_synth
+the images are also judged by synth.parse and the verdict printed.
 
-Input is refused with a one-line error when: the checkpoint is missing or corrupt; an image is not
-the model's size (pass --resize to scale it, nearest-neighbour so the palette survives); a word is
-outside the model's vocabulary, i.e. it encodes to [UNK] or (case aside) never occurs as a whole
-word in the synthesized text of the checkpoint's world, where BPE would split it into pieces the
-model never saw together; or the text is longer than the model's text slot.
+Input is refused with a one-line error, before any compute, when: --out cannot be written; a
+question, prompt or instruction is blank; a number is out of range (a NaN guidance scale, a
+negative --bench); the checkpoint is missing or corrupt; an image is not the model's size (pass
+--resize to scale it, nearest-neighbour so the palette survives); a word is outside the model's
+vocabulary, i.e. it encodes to [UNK] or (case aside) never occurs as a whole word in the
+synthesized text of the checkpoint's world, where BPE would split it into pieces the model never
+saw together; or the text is longer than the model's text slot.
 
 --bench B times sampling at batch B, the checkpoint's model or with --preset a randomly initialised one
 (the weights do not change the time): VQA answers/s (greedy, answer slot, KV cache) and T2I images/s at
@@ -83,10 +87,31 @@ def read_image(path, size, resize):
     return np.array(im)
 
 
+def check_out(folder):
+    """Make --out, or refuse it, before any compute: an unwritable path costs nothing."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {folder} cannot be made ({e.strerror}): pass a writable "
+                         f"folder") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {folder} is not writable: pass a writable folder")
+
+
+def clear(folder, names):
+    """Remove the images of an earlier call, whose names fullmatch the regex `names`, so that a
+    fresh set never mixes with an old one."""
+    for name in os.listdir(folder):
+        if re.fullmatch(names, name):
+            os.remove(os.path.join(folder, name))
+
+
 def save(img, path, scale=1):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Write a PNG whole (temp + rename): a crash never leaves a cut image under the name."""
     im = Image.fromarray(img)
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+    big = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    big.save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
     return path
 
 
@@ -153,6 +178,13 @@ def main(argv=None):
             raise ValueError("give one of --question, --prompt and --edit")
         if a.n < 1:
             raise ValueError(f"--n must be at least 1, got {a.n}")
+        if a.bench < 0:
+            raise ValueError(f"--bench {a.bench} is out of range: it must be >= 0 (0: no timing)")
+        texts = [("--question", a.question), ("--prompt", a.prompt)]
+        texts += [("--edit", e) for e in a.edit or []]
+        for flag, text in texts:
+            if text is not None and not text.strip():
+                raise ValueError(f"{flag} is blank: give the text itself")
         sampling = ev.Sampling(**{k: getattr(a, k) for k in asdict(ev.Sampling())})
         if a.bench and not a.ckpt:
             if a.preset not in train.PRESETS:
@@ -165,6 +197,8 @@ def main(argv=None):
             return bench(model.to(a.device), tok, world, a.bench, sampling, torch.device(a.device))
         if not a.ckpt:
             raise ValueError("pass --ckpt CHECKPOINT")
+        if not a.bench:
+            check_out(a.out)
         model, tok, world, _, _ = ev.load(a.ckpt, a.weights, a.device)
         if a.bench:
             return bench(model, tok, world, a.bench, sampling, torch.device(a.device))
@@ -196,6 +230,7 @@ def main(argv=None):
             sample = {"task": "t2i", "text": a.prompt}
             images = ev.draw(model, tok, [sample] * a.n, [("prompt", a.prompt, k) for k in range(a.n)], sampling,
                              a.seed, a.device)
+            clear(a.out, r"gen_\d\d+\.png")
             for k, im in enumerate(images):
                 save(im, os.path.join(a.out, f"gen_{k:02d}.png"))
             print(f"wrote {a.n} images and {save(row(list(images)), os.path.join(a.out, 'grid.png'), 4)}")
@@ -204,6 +239,8 @@ def main(argv=None):
                 print(f"ShapeEval-strict: {right}/{a.n} images hold exactly the prompt's objects")
         else:
             steps = [image]
+            # unpadded numbers only: a training run's grids, samples/step_000100.png, stay
+            clear(a.out, r"step_(0|[1-9]\d*)\.png|target\.png")
             save(image, os.path.join(a.out, "step_0.png"))
             for r, text in enumerate(a.edit, 1):
                 edit = {"task": "edit", "text": text, "image": steps[-1]}

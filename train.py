@@ -28,6 +28,8 @@ import math
 import os
 import platform
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -44,7 +46,8 @@ from tqdm import tqdm
 import kernels
 import synth
 from eval import evaluate, headline, num, to_markdown
-from model import TASK_GROUP, UMM, UMMConfig, collate, load_weights, newest_checkpoint, read_meta
+from model import (TASK_GROUP, UMM, UMMConfig, checkpoints, collate, load_weights,
+                   newest_checkpoint, read_meta, read_weights)
 
 
 # ----------------------------------------------------------------------------- config
@@ -72,7 +75,7 @@ class TrainConfig:
     warmup: int = 100  # steps of linear warm-up
     weight_decay: float = 0.05  # AdamW's, on matrices only
     beta2: float = 0.99  # AdamW's (beta1 0.9)
-    grad_clip: float = 1.0  # max global gradient norm
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     ema: float = 0.995  # decay per step of the EMA weights that eval and sampling use
     # model (0 or -1: the preset's or recipe's value)
     width: int = 0  # the model's size dial; depth and heads follow it
@@ -85,12 +88,77 @@ class TrainConfig:
     compile: int = -1  # -1: on CUDA only
     bench: int = 0  # > 0: time this many steps after a warm-up, print a speed row, save nothing
     device: str = ""  # default: cuda if available, else cpu
-    # logging, eval, checkpoints
-    log_every: int = 50  # steps per line of log.jsonl and the terminal
+    # logging, eval, checkpoints (a log line also closes at each checkpoint: see logs_at)
+    log_every: int = 50  # steps per line of log.jsonl and the terminal; 0: at checkpoints only
     eval_every: int = 1200  # 0: never
-    save_every: int = 1200  # 0: never (the run keeps no checkpoint)
-    keep: int = 2  # newest checkpoints kept
+    save_every: int = 1200  # 0: the final checkpoint only
+    keep: int = 2  # newest checkpoints kept; 0: all
     peak_tflops: float = 0.0  # what MFU divides by; 0: this device's measured dense matmul rate
+
+
+def at_least(low, note=""):
+    return lambda v: v >= low, f">= {low}{note}"
+
+
+# What each numeric key of TrainConfig must be: a test of its value, and the same in words.
+VALID = {
+    "seed": at_least(0),
+    "num_workers": at_least(0),
+    "batch_size": at_least(1),
+    "micro_batch": at_least(1),
+    "max_steps": at_least(1),
+    "lr": at_least(0),
+    "min_lr": at_least(0),  # and at most lr, checked apart
+    "warmup": at_least(0),
+    "weight_decay": at_least(0),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": at_least(0, " (0: no clipping)"),
+    "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),  # 1 would freeze the EMA at the initial weights
+    "width": (lambda v: v == 0 or v >= 32, "0 (the preset's) or >= 32"),  # depth = width // 32
+    "refiner_layers": at_least(0),
+    "src_pixel_dropout": (lambda v: v == -1 or 0 <= v <= 1, "-1 (the recipe's) or in [0, 1]"),
+    "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
+    "bench": at_least(0),
+    "log_every": at_least(0, " (0: a line at checkpoints only)"),
+    "eval_every": at_least(0, " (0: never)"),
+    "save_every": at_least(0, " (0: the final checkpoint only)"),
+    "keep": at_least(0, " (0: keep all)"),
+    "peak_tflops": at_least(0, " (0: measured)"),
+}
+
+
+def check_config(cfg):
+    """Refuse, in one pass before anything runs, a config that would crash later or train silently
+    wrong: every numeric key against VALID, then the mix and the device. The one-line error names
+    the key, its value and what it must be."""
+    for f in dataclasses.fields(cfg):
+        if f.type in (int, float):
+            test, must = VALID[f.name]
+            value = getattr(cfg, f.name)
+            if not (math.isfinite(value) and test(value)):
+                raise ValueError(f"--{f.name}={value} is out of range: it must be {must}")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"--min_lr={cfg.min_lr} is out of range: it must be in [0, lr={cfg.lr}] "
+                         f"(the cosine decays from lr to min_lr)")
+    if cfg.mix:
+        parse_mix(cfg.mix)
+    check_device(cfg.device)
+
+
+def check_device(name):
+    """The device a run asks for exists on this machine ("": cuda if there is one, else cpu)."""
+    if not name:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device={name}: train.py runs on cpu or cuda")
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        fix = "use --device=cpu" if gpus == 0 else f"use cuda:0 to cuda:{gpus - 1}"
+        raise ValueError(f"--device={name}, but this machine has {gpus} CUDA GPU(s): {fix}")
 
 
 # The GPU presets make their data in 6 worker processes per rank: one core makes a micro-batch of
@@ -200,7 +268,12 @@ def parse_mix(mix):
         if task not in synth.TASKS:
             raise ValueError(f"mix names unknown task {task!r}: choose from "
                              f"{', '.join(synth.TASKS)}")
-        out[task] = float(w or 1)
+        try:
+            out[task] = float(w or 1)
+        except ValueError:
+            out[task] = math.nan  # refused just below, with the other bad weights
+        if not (math.isfinite(out[task]) and out[task] > 0):
+            raise ValueError(f"--mix={mix}: the weight of {task} is {w!r}; it must be a number > 0")
     return out
 
 
@@ -346,6 +419,16 @@ def compiles(cfg, device):  # whether the training step runs under torch.compile
     return cfg.compile == 1 or (cfg.compile == -1 and device.type == "cuda")
 
 
+def checked_rates(model, counts, cfg, seconds, peak, device):
+    """kernels.rates, and the peak they divide by: a measured peak that the run beats (MFU above 1)
+    was timed while other work slowed the device, so it is measured again and the higher kept."""
+    r = kernels.rates(model, counts, cfg.batch_size, seconds, peak)
+    if r["mfu"] > 1 and not cfg.peak_tflops:
+        peak = max(peak, kernels.measured_matmul_flops(device, fresh=True))
+        r = kernels.rates(model, counts, cfg.batch_size, seconds, peak)
+    return r, peak
+
+
 def peak_flops(cfg, device):
     """The FLOP/s that MFU divides by: --peak_tflops if given, else measured on this device."""
     return cfg.peak_tflops * 1e12 if cfg.peak_tflops else kernels.measured_matmul_flops(device)
@@ -356,28 +439,16 @@ def init_run(cfg, mcfg, run_dir, device, master):
     else a fresh model (seeded by --seed), from --init_from's EMA weights when given."""
     torch.manual_seed(cfg.seed)
     model = UMM(mcfg).to(device)
+    # claim_run_dir has checked the folder: --resume with no checkpoint (only the log of a run
+    # that died before its first one) starts over from step 0
     resume_from = newest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start "
-                         f"fresh")
-    if not cfg.resume and newest_checkpoint(run_dir) and master:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it or "
-                         f"--name=NAME for a new run (nothing is overwritten)")
     if RECIPES[cfg.recipe]["init"] and not cfg.init_from and not resume_from:
         raise ValueError(f"recipe {cfg.recipe!r} tunes a pretrained model: pass "
                          f"--init_from=CHECKPOINT")
     start = 0
     if resume_from:
         meta = read_meta(resume_from)
-        if meta["model"] != asdict(mcfg):
-            diff = [k for k in meta["model"] if meta["model"][k] != asdict(mcfg).get(k)]
-            raise ValueError(f"checkpoint {resume_from}/config.json has a different model config "
-                             f"({', '.join(diff)}) than this run")
-        for key in ("recipe", "batch_size", "seed", "world", "mix", "data"):
-            if meta["train"][key] != getattr(cfg, key):
-                raise ValueError(f"checkpoint {resume_from}/config.json has "
-                                 f"{key}={meta['train'][key]!r}, this run "
-                                 f"{key}={getattr(cfg, key)!r}: resume with the same value")
+        check_resume(meta, cfg, mcfg, resume_from)
         load_weights(resume_from, "model.safetensors", model)
         start = meta["step"]
     elif cfg.init_from:
@@ -387,7 +458,7 @@ def init_run(cfg, mcfg, run_dir, device, master):
                              f"or a run folder)")
         load_weights(src, "ema.safetensors", model)  # tune from the EMA weights, as released
     if resume_from:
-        ema_file = load_file(os.path.join(resume_from, "ema.safetensors"))
+        ema_file = read_weights(resume_from, "ema.safetensors", model)  # checked as weights are
         ema = {k: v.to(device) for k, v in ema_file.items()}
     else:
         ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -433,6 +504,8 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
     os.makedirs(tmp)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(tmp, "model.safetensors"))
+    if os.environ.get("NANOUMM_TEST_KILL_IN_SAVE") == str(step):  # test_train.py's crash test:
+        os.kill(os.getpid(), signal.SIGKILL)  # it dies with this checkpoint half written
     ema_weights = {k: v.cpu().contiguous() for k, v in ema.items()}
     save_file(ema_weights, os.path.join(tmp, "ema.safetensors"))
     torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
@@ -442,10 +515,154 @@ def save_checkpoint(run_dir, step, model, ema, opt, meta, tok, keep):
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
-    for old in sorted(glob.glob(os.path.join(run_dir, "step_[0-9]*")))[:-keep]:
-        shutil.rmtree(old)
+    if keep:  # 0 keeps every checkpoint
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
     return final
 
+
+def saves_at(cfg, done):
+    """Is a checkpoint written after `done` steps? Every save_every (0: never), and at the end;
+    never in a --bench run."""
+    if cfg.bench:
+        return False
+    return done == cfg.max_steps or (cfg.save_every > 0 and done % cfg.save_every == 0)
+
+
+def logs_at(cfg, done):
+    """Is a line logged after `done` steps? Every log_every steps (0: never) and at each checkpoint:
+    no line averages over a checkpoint, so a run resumed from one logs the lines of the run that
+    never stopped."""
+    return saves_at(cfg, done) or (cfg.log_every > 0 and done % cfg.log_every == 0)
+
+
+# The keys that decide the samples and noise of each step: a resumed run must match its checkpoint
+# in each (max_steps places the stages of a recipe), as well as in the whole model config.
+RESUME_KEYS = ("recipe", "seed", "world", "data", "mix", "batch_size", "micro_batch", "max_steps")
+
+
+def check_resume(meta, cfg, mcfg, ckpt):
+    """Refuse to resume from checkpoint `ckpt` (whose config.json is `meta`) with another stream or
+    model: the run would no longer be the one that stopped."""
+    if meta["model"] != asdict(mcfg):
+        diff = [k for k in meta["model"] if meta["model"][k] != asdict(mcfg).get(k)]
+        raise ValueError(f"checkpoint {ckpt}/config.json has a different model config "
+                         f"({', '.join(diff)}) than this run")
+    for key in RESUME_KEYS:
+        if meta["train"][key] != getattr(cfg, key):
+            raise ValueError(f"checkpoint {ckpt}/config.json has {key}={meta['train'][key]!r}, "
+                             f"this run {key}={getattr(cfg, key)!r}: resume with the same value")
+
+
+# ----------------------------------------------------------------------------- the run folder
+# out_dir/name holds the checkpoints, log.jsonl (losses, lr, grad norm, eval scores: what a resumed
+# run reproduces), speed.jsonl (timings: what no rerun reproduces) and, while a run writes, LOCK.
+
+LOCK = "lock"  # "pid host" of the process that holds the folder
+
+
+def claim_run_dir(run_dir, resume):
+    """Hold run_dir for this run, and check that it suits the run. A new run needs a folder
+    without checkpoints or log (nothing is overwritten); --resume needs a checkpoint, or at least
+    the log of a run that died before its first one (it starts over). The leftovers of a
+    checkpoint write cut short go."""
+    has_ckpt = newest_checkpoint(run_dir) is not None
+    has_log = os.path.exists(os.path.join(run_dir, "log.jsonl"))
+    if resume and not has_ckpt and not has_log:  # refused before anything is made
+        raise ValueError(f"--resume: no complete checkpoint in {run_dir}; drop --resume to start "
+                         f"fresh")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        hold(run_dir)  # first: a run still writing into the folder is named as such
+    except OSError as e:
+        raise ValueError(f"cannot write the run folder {run_dir} ({e.strerror}): pass a writable "
+                         f"--out_dir or another --name") from None
+    if not resume and (has_ckpt or has_log):
+        release(run_dir)
+        what = "checkpoints" if has_ckpt else "the log of a run that died before its first one"
+        raise ValueError(f"{run_dir} already holds {what}: pass --resume to continue it or "
+                         f"--name=NAME for a new run (nothing is overwritten)")
+    for tmp in glob.glob(os.path.join(run_dir, ".tmp_step_*")):
+        shutil.rmtree(tmp)
+
+
+def hold(run_dir):
+    """Create run_dir/LOCK with this process's id; refuse while another live process holds it, and
+    take over the lock of one that is gone (killed, crashed, or an earlier run in this process that
+    raised). Checked at start only: two runs started at once over a dead lock could both pass."""
+    path = os.path.join(run_dir, LOCK)
+    while True:
+        try:
+            with open(path, "x") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = f.read().split()
+            except FileNotFoundError:  # given up since: try again
+                continue
+            if alive(holder):
+                who = f"process {' on '.join(holder)}" if len(holder) == 2 else "an unknown process"
+                raise ValueError(f"{run_dir} is held by {who} (its lock file {path}): wait for "
+                                 f"that run to end, or delete the file if no run uses the folder"
+                                 ) from None
+            os.remove(path)
+
+
+def alive(holder):
+    """Is the process of a lock's ["pid", "host"] running? On another host, unknown: yes."""
+    if len(holder) != 2 or not holder[0].isdigit() or holder[1] != socket.gethostname():
+        return True
+    pid = int(holder[0])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def release(run_dir):
+    os.remove(os.path.join(run_dir, LOCK))
+
+
+def cut_log(path, step):
+    """Keep the lines of a .jsonl log up to `step`, where a resumed run continues (it logs the later
+    steps again). The file is replaced whole (temp + rename), so a crash here loses nothing; a last
+    line without its newline is a write cut short by a crash, and goes."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for i, line in enumerate(lines, 1):
+        if i == len(lines) and not line.endswith("\n"):
+            break
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path} line {i} is not a log record with a step: repair or delete "
+                             f"the line") from None
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def open_logs(run_dir, step):
+    """log.jsonl and speed.jsonl for appending, each first cut back to `step`."""
+    files = []
+    for name in ("log.jsonl", "speed.jsonl"):
+        cut_log(os.path.join(run_dir, name), step)
+        files.append(open(os.path.join(run_dir, name), "a"))
+    return files
+
+
+# ----------------------------------------------------------------------------- eval during training
 
 @torch.no_grad()
 def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
@@ -479,16 +696,17 @@ LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3")  # flow_tk: 
 class TrainLog:
     """The progress bar; the logged losses, summed on the device between log lines (reading one
     would make the host wait for the GPU, which then idles while the host queues the next
-    micro-batch's kernels); one line per log step in run_dir/log.jsonl and on the terminal. Only
-    rank 0 shows and writes anything (the others pass run_dir None)."""
+    micro-batch's kernels); one line per log step in run_dir/log.jsonl (what a rerun reproduces),
+    its timings in run_dir/speed.jsonl (what none does), and on the terminal. Only rank 0 shows
+    and writes anything (the others pass run_dir None)."""
 
     def __init__(self, cfg, run_dir, device, world_size, start):
         self.bar = tqdm(total=cfg.max_steps, initial=start, disable=run_dir is None,
                         dynamic_ncols=True, desc=cfg.recipe)
-        self.file = None
-        if run_dir is not None:
-            os.makedirs(run_dir, exist_ok=True)
-            self.file = open(os.path.join(run_dir, "log.jsonl"), "a")
+        self.files = None
+        if run_dir is not None:  # a resumed run logs again the steps after its checkpoint
+            self.files = open_logs(run_dir, start)
+        self.cfg = cfg
         self.world_size = world_size
         self.sums = torch.zeros(2, len(LOGGED), device=device)  # (sum, count) per logged loss
         self.nan = torch.full((), math.nan, device=device)  # a loss a micro-batch does not have
@@ -517,21 +735,22 @@ class TrainLog:
         self.t_last = time.perf_counter()
         return dt
 
-    def write(self, rec, eta):
-        if self.file is None:
+    def write(self, rec, speed, eta):
+        if self.files is None:
             return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        for file, line in zip(self.files, (rec, {"step": rec["step"], **speed})):
+            file.write(json.dumps(line) + "\n")
+            file.flush()
+        mfu = kernels.mfu_text(speed["mfu"], bool(self.cfg.peak_tflops))
         tqdm.write(f"step {rec['step']:6d} | ce {fmt(rec, 'ce')} | flow {fmt(rec, 'flow')} | "
                    f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.2f} | "
-                   f"{rec['ms_per_step']:.0f} ms | {rec['tokens_per_s']:,.0f} tok/s | "
-                   f"{rec['images_per_s']:,.1f} img/s | mfu {100 * rec['mfu']:.1f}% | "
-                   f"eta {eta / 60:.1f} min")
+                   f"{speed['ms_per_step']:.0f} ms | {speed['tokens_per_s']:,.0f} tok/s | "
+                   f"{speed['images_per_s']:,.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min")
 
     def close(self):
         self.bar.close()
-        if self.file is not None:
-            self.file.close()
+        for file in self.files or ():
+            file.close()
 
 
 def fmt(rec, key):  # a logged loss, or "-" where the step had none (a stage without that task)
@@ -561,6 +780,7 @@ def stage_at(cfg, step):
 def train(cfg, after_step=None):
     """Train as cfg says; returns the run folder. after_step(step, model, stream), if given, runs
     after each optimizer step (--bench times the loop with it)."""
+    check_config(cfg)
     # the batch plan before any process group exists: a batch that cannot be split exits cleanly
     mixes = [cfg.mix or mix for _, mix in RECIPES[cfg.recipe]["stages"]]
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
@@ -574,7 +794,17 @@ def train(cfg, after_step=None):
     run_dir = os.path.join(cfg.out_dir, cfg.name or cfg.recipe)
     tok = synth.get_tokenizer(cfg.world)
     mcfg = model_config(cfg, tok.get_vocab_size())
+    if master:
+        claim_run_dir(run_dir, cfg.resume)
     model, ema, opt, start = init_run(cfg, mcfg, run_dir, device, master)
+    if start >= cfg.max_steps:
+        if master:
+            print(f"run {run_dir} has finished: its newest checkpoint is of the last step "
+                  f"(--max_steps={cfg.max_steps}); nothing to resume")
+            release(run_dir)
+        if world_size > 1:
+            dist.destroy_process_group()
+        return run_dir
     frozen, find_unused = freeze_unreached(model, mixes, cfg, tok, mcfg)
     use_compile = compiles(cfg, device)
     ddp = DDP(model, find_unused_parameters=find_unused) if world_size > 1 else None
@@ -621,7 +851,8 @@ def train(cfg, after_step=None):
         if world_size > 1:  # every rank sees the global loss, so all of them stop together on a NaN
             dist.all_reduce(step_loss)
             step_loss /= world_size
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # grad_clip 0 clips at infinity: the norm is still computed (and logged), the gradients kept
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         step_loss, gnorm = torch.stack([step_loss.float(), gnorm.float()]).tolist()  # the wait
         if not math.isfinite(step_loss):  # stop before the update: nothing broken is saved
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; the run stopped "
@@ -633,22 +864,25 @@ def train(cfg, after_step=None):
         done = step + 1
         if after_step is not None:
             after_step(done, model, stream)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        if logs_at(cfg, done):
             losses = log.means()  # waits for the device
             dt = log.lap(done)
-            speed = kernels.rates(model, stream.counts, cfg.batch_size, dt, peak)
-            rec = {"step": done, **losses, "lr": lr_at(cfg, step), "grad_norm": gnorm, **speed,
+            speed, peak = checked_rates(model, stream.counts, cfg, dt, peak, device)
+            rec = {"step": done, **losses, "lr": lr_at(cfg, step), "grad_norm": gnorm,
                    "stage": stage}
-            log.write(rec, eta=dt * (cfg.max_steps - done))
+            log.write(rec, {**speed, "peak_tflops": peak / 1e12}, eta=dt * (cfg.max_steps - done))
         log.bar.update(1)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.max_steps):
+        # eval before the checkpoint: a run stopped between the two redoes both, eval line included
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            evaluate_run(cfg, model, ema, tok, run_dir, done, device, rank, world_size)
+        if saves_at(cfg, done):
             if master:
                 save_checkpoint(run_dir, done, model, ema, opt, run_meta(cfg, mcfg), tok, cfg.keep)
             if world_size > 1:
                 dist.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            evaluate_run(cfg, model, ema, tok, run_dir, done, device, rank, world_size)
     log.close()
+    if master:
+        release(run_dir)
     if world_size > 1:
         dist.destroy_process_group()
     return run_dir
@@ -697,8 +931,9 @@ def bench(cfg):
                                   log_every=clock.stop, eval_every=0, save_every=0)
         train(run, after_step=clock)
     peak = peak_flops(cfg, clock.device)
-    row = {**kernels.rates(clock.model, clock.counts, cfg.batch_size, clock.seconds, peak),
-           "peak_tflops": peak / 1e12, "recompiles": clock.graphs, "peak_mem_gib": clock.peak_mem}
+    speed, peak = checked_rates(clock.model, clock.counts, cfg, clock.seconds, peak, clock.device)
+    row = {**speed, "peak_tflops": peak / 1e12, "recompiles": clock.graphs,
+           "peak_mem_gib": clock.peak_mem}
     setup = "compile" if compiles(cfg, clock.device) else "eager"
     setup += " + kernels" * cfg.kernels
     setup += " + flex" if cfg.flex and clock.device.type == "cuda" else " + sdpa"
@@ -717,5 +952,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:  # under torchrun every rank meets the same error: rank 0 says it
+    except (ValueError, FloatingPointError) as e:  # bad input, or a diverged run: one line
+        # under torchrun every rank meets the same error: rank 0 says it
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)

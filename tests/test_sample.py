@@ -60,11 +60,32 @@ def test_prompt_writes_images_and_grid_deterministically(ckpt, tmp_path, capsys)
     assert np.array_equal(first, np.array(Image.open(out / "gen_01.png")))  # same seed, same images
     run(ckpt, tmp_path, "--from_synth", "t2i:val:2", "--n", "2")
     assert "images hold exactly the prompt's objects" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["gen_00.png", "gen_01.png", "grid.png"]  # gen_02.png went
+
+
+def test_a_grid_is_written_whole_or_not_at_all(ckpt, tmp_path, monkeypatch):
+    out = run(ckpt, tmp_path, "--prompt", "A red circle.", "--n", "2")
+    before = (out / "grid.png").read_bytes()
+    real = Image.Image.save
+
+    def disk_full_at_the_grid(im, path, *a, **k):
+        if os.path.basename(path).startswith("grid.png"):
+            open(path, "wb").write(b"\x89PNG cut short")
+            raise OSError("disk full")
+        return real(im, path, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", disk_full_at_the_grid)
+    with pytest.raises(OSError, match="disk full"):
+        run(ckpt, tmp_path, "--prompt", "A red circle.", "--n", "2", "--seed", "1")
+    assert (out / "grid.png").read_bytes() == before  # the earlier grid, whole
 
 
 def test_multi_round_edit_and_from_synth(ckpt, tmp_path, png, capsys):
+    (tmp_path / "out").mkdir()
+    for stale in ("step_3.png", "target.png", "step_000100.png"):  # the last: a training run's grid
+        (tmp_path / "out" / stale).write_bytes(b"")
     out = run(ckpt, tmp_path, "--image", png, "--edit", "Remove the red circle.", "--edit", "Paint the square blue.")
-    assert {"step_0.png", "step_1.png", "step_2.png", "strip.png"} <= set(os.listdir(out))
+    files = {"step_0.png", "step_1.png", "step_2.png", "strip.png", "step_000100.png"}
+    assert set(os.listdir(out)) == files  # the earlier call's step_3.png and target.png went
     assert np.array_equal(np.array(Image.open(out / "step_0.png")), np.array(Image.open(png)))
     assert "round 2: Paint the square blue." in capsys.readouterr().out
     out = run(ckpt, tmp_path, "--from_synth", "uniedit:val:7", "--out", str(tmp_path / "ie"))
@@ -100,6 +121,24 @@ def test_bad_input_gets_one_line_errors(ckpt, tmp_path, png):
     assert "unknown task" in error("--from_synth", "caption:val:1")
     assert "give one of --question, --prompt and --edit" in error("--prompt", "A circle.", "--question", q)
     assert "need --image" in error("--question", "Is there a circle?")
+    nan_cfg = error("--prompt", "A circle.", "--cfg", "nan")
+    assert "--cfg=nan is out of range: a guidance scale is >= 0" in nan_cfg
+    assert "--bench -5 is out of range: it must be >= 0" in error("--bench", "-5")
+    for flag in ("--prompt", "--question", "--edit"):
+        assert f"{flag} is blank: give the text itself" in error("--image", png, flag, "  ")
+    (tmp_path / "a_file").write_text("")
+    assert "cannot be made (Not a directory): pass a writable folder" in error(
+        "--prompt", "A circle.", "--out", str(tmp_path / "a_file" / "out"))
+
+
+def test_an_unwritable_out_is_refused_before_any_compute(ckpt, tmp_path, monkeypatch):
+    def no_compute(*a, **k):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+    monkeypatch.setattr(sample.ev, "load", no_compute)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt, "--prompt", "A circle.", "--out", str(tmp_path / "a_file")])
+    assert e.value.code.startswith(f"error: --out {tmp_path / 'a_file'} cannot be made (File")
 
 
 def test_cli_entry_point(ckpt, tmp_path):

@@ -3,7 +3,12 @@
 Runs use a narrow model (--width=64) and a handful of steps so the file stays fast on 2 cores, and the CPU
 even where a GPU is present (exact resume and gloo DDP are CPU facts); the GPU tests at the end use CUDA."""
 import json
+import math
 import os
+import runpy
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -55,8 +60,143 @@ def test_parse_args_types_unknown_keys_and_help():
     assert r.returncode == 1 and r.stderr.startswith("error: unknown key 'bogus'") and r.stderr.count("\n") == 1
 
 
+# One out-of-range value per numeric key of TrainConfig, and what the error says the key must be.
+BAD = [("seed", -1, ">= 0"), ("num_workers", -1, ">= 0"), ("batch_size", 0, ">= 1"),
+       ("batch_size", -32, ">= 1"), ("micro_batch", 0, ">= 1"), ("max_steps", -5, ">= 1"),
+       ("lr", math.nan, ">= 0"), ("lr", math.inf, ">= 0"), ("min_lr", -1e-5, ">= 0"),
+       ("warmup", -1, ">= 0"), ("weight_decay", -0.1, ">= 0"), ("beta2", 1.0, "in [0, 1)"),
+       ("grad_clip", -1.0, ">= 0 (0: no clipping)"), ("ema", 2.0, "in [0, 1)"),
+       ("ema", 1.0, "in [0, 1)"),
+       ("width", 16, "0 (the preset's) or >= 32"), ("refiner_layers", -1, ">= 0"),
+       ("src_pixel_dropout", 1.5, "-1 (the recipe's) or in [0, 1]"),
+       ("compile", 2, "-1 (on CUDA only), 0 or 1"), ("bench", -5, ">= 0"),
+       ("log_every", -1, ">= 0 (0: a line at checkpoints only)"),
+       ("eval_every", -1, ">= 0 (0: never)"),
+       ("save_every", -1, ">= 0 (0: the final checkpoint only)"),
+       ("keep", -1, ">= 0 (0: keep all)"),
+       ("peak_tflops", math.nan, ">= 0 (0: measured)")]
+
+
+@pytest.mark.parametrize("key, value, must", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_an_out_of_range_key_is_refused_naming_key_value_and_range(key, value, must):
+    with pytest.raises(ValueError) as e:
+        train.check_config(train.TrainConfig(**{key: value}))
+    assert str(e.value) == f"--{key}={value} is out of range: it must be {must}"
+
+
+def test_every_numeric_key_has_a_range_and_the_edges_and_zeros_pass():
+    fields = train.dataclasses.fields(train.TrainConfig)
+    numeric = {f.name for f in fields if f.type in (int, float)}
+    assert set(train.VALID) == numeric == {key for key, _, _ in BAD}
+    edges = [("ema", 0.0), ("beta2", 0.0), ("keep", 0), ("grad_clip", 0.0), ("save_every", 0),
+             ("log_every", 0), ("width", 32), ("src_pixel_dropout", -1.0),
+             ("src_pixel_dropout", 1.0), ("compile", -1), ("lr", 0.0), ("min_lr", 0.0)]
+    for key, value in edges:
+        train.check_config(train.TrainConfig(**{"min_lr": 0.0, key: value}))
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (dict(min_lr=1e-3, lr=1e-4), r"--min_lr=0.001 is out of range: it must be in \[0, lr=0.0001\]"),
+    (dict(mix="vqa:2,t2i:-1"), "--mix=vqa:2,t2i:-1: the weight of t2i is '-1'; it must be a"),
+    (dict(mix="vqa:x"), "the weight of vqa is 'x'"),
+    (dict(device="nope"), "--device=nope is not a device: use cpu, cuda or cuda:N"),
+    (dict(device="meta"), "--device=meta: train.py runs on cpu or cuda"),
+    (dict(device="cuda:99"), r"--device=cuda:99, but this machine has \d+ CUDA GPU\(s\)"),
+], ids=["min_lr>lr", "negative mix weight", "mix weight not a number", "no such device", "meta",
+        "cuda:99"])
+def test_other_bad_keys_are_refused_before_anything_runs(overrides, error):
+    with pytest.raises(ValueError, match=error):
+        train.check_config(train.TrainConfig(**overrides))
+
+
+def test_nan_loss_stops_the_run_with_one_line_and_no_traceback(tmp_path, monkeypatch):
+    args = FAST + [f"--out_dir={tmp_path}", "--lr=1e9", "--min_lr=0", "--warmup=0"]  # NaN at step 2
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as e:  # `python train.py ...`, in this process
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    msg = e.value.code  # what Python prints to stderr, alone, before it exits with status 1
+    assert msg.startswith("error: loss is nan at step 2; the run stopped before updating") and (
+        "\n" not in msg)
+    assert not train.checkpoints(tmp_path / "pretrain")
+
+
+def test_zero_means_final_checkpoint_only_checkpoint_lines_only_and_no_clipping(tmp_path):
+    zero = run(tmp_path, "--name=zero", "--max_steps=3", "--save_every=0", "--log_every=0",
+               "--grad_clip=0")
+    assert sorted(os.listdir(zero)) == ["log.jsonl", "speed.jsonl", "step_000003"]
+    assert list(losses(zero)) == [3]
+    huge = run(tmp_path, "--name=huge", "--max_steps=3", "--grad_clip=1e30")  # no gradient's size
+    clipped = run(tmp_path, "--name=clip", "--max_steps=3")  # gradients above 1, the default clip
+    a, b, c = (load_file(os.path.join(d, "step_000003/model.safetensors"))
+               for d in (zero, huge, clipped))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_checkpoints_are_ordered_and_pruned_by_step_number(tmp_path):
+    for step in (999_998, 999_999):
+        os.makedirs(tmp_path / f"step_{step}")
+        (tmp_path / f"step_{step}" / "config.json").write_text("{}")
+    model = torch.nn.Linear(2, 2)
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters())
+    tok = synth.get_tokenizer("tiny")
+    train.save_checkpoint(str(tmp_path), 1_000_000, model, ema, opt, {}, tok, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["step_1000000", "step_999999"]  # by name: 1000000 first
+    assert train.newest_checkpoint(str(tmp_path)).endswith("step_1000000")
+    train.save_checkpoint(str(tmp_path), 1_000_001, model, ema, opt, {}, tok, keep=0)  # 0 keeps all
+    assert len(train.checkpoints(tmp_path)) == 3
+
+
+def test_resume_refuses_another_stream_or_corrupt_ema_and_says_when_finished(tmp_path, capsys):
+    run_dir = run(tmp_path, "--name=r")
+    assert run(tmp_path, "--name=r", "--resume=1") == run_dir
+    assert f"run {run_dir} has finished" in capsys.readouterr().out
+    shutil.rmtree(os.path.join(run_dir, "step_000004"))  # as if it stopped after checkpoint 2
+    for arg in ("--micro_batch=4", "--max_steps=6", "--seed=1", "--mix=vqa:1"):
+        key = arg[2:].partition("=")[0]
+        with pytest.raises(ValueError, match=f"has {key}=.*, this run {key}=.*: resume with the"):
+            run(tmp_path, "--name=r", "--resume=1", arg)
+    with open(os.path.join(run_dir, "step_000002", "ema.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"step_000002/ema.safetensors is missing or corrupt"):
+        run(tmp_path, "--name=r", "--resume=1")
+
+
+def test_a_log_without_checkpoint_refuses_a_new_run_and_resume_starts_it_over(tmp_path):
+    fresh = run(tmp_path, "--name=fresh", "--max_steps=2")
+    died = tmp_path / "died"
+    died.mkdir()
+    (died / "log.jsonl").write_text('{"step": 1, "ce": 9.0}\n{"step": 2, "ce"')  # died mid-line
+    with pytest.raises(ValueError, match="holds the log of a run that died before its first one"):
+        run(tmp_path, "--name=died", "--max_steps=2")
+    run(tmp_path, "--name=died", "--max_steps=2", "--resume=1")
+    assert (died / "log.jsonl").read_text() == open(os.path.join(fresh, "log.jsonl")).read()
+    with pytest.raises(ValueError, match="--resume: no complete checkpoint in"):
+        run(tmp_path, "--name=nothing", "--resume=1")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_a_run_folder_is_held_by_one_live_process(tmp_path):
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "log.jsonl").write_text('{"step": 1}\n')  # a run in its first steps ...
+    host = socket.gethostname()
+    (held / "lock").write_text(f"{os.getppid()} {host}\n")  # ... by a live process: pytest's parent
+    for resume in ("--resume=0", "--resume=1"):
+        with pytest.raises(ValueError, match=rf"held by process {os.getppid()} on .*: wait for"):
+            run(tmp_path, "--name=held", "--max_steps=1", resume)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (held / "lock").write_text(f"{gone} {host}\n")  # its process has ended
+    run(tmp_path, "--name=held", "--max_steps=1", "--resume=1")  # takes the lock over; starts over
+    assert not (held / "lock").exists() and train.newest_checkpoint(held)  # given up at the end
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot write the run folder .*file/pretrain .*: pass a "):
+        run(tmp_path / "file")
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    full = run(tmp_path, "--name=full")
+    full = run(tmp_path, "--name=full", "--log_every=3")  # lines at 2, 3, 4: checkpoints close one
     real_save = train.save_checkpoint
 
     def save_then_die(run_dir, step, *a):
@@ -66,12 +206,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         return out
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "--name=cut")
+        run(tmp_path, "--name=cut", "--log_every=3")
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     with pytest.raises(ValueError, match="already holds checkpoints"):  # nothing is overwritten by accident
-        run(tmp_path, "--name=cut")
-    cut = run(tmp_path, "--name=cut", "--resume=1", "--num_workers=2")  # batches made by 2 worker processes
-    assert losses(cut) == losses(full)  # every step, exactly
+        run(tmp_path, "--name=cut", "--log_every=3")
+    cut = run(tmp_path, "--name=cut", "--log_every=3", "--resume=1", "--num_workers=2")  # 2 workers
+    logs = [open(os.path.join(d, "log.jsonl")).read() for d in (full, cut)]
+    assert logs[0] == logs[1]
     for name in ("model", "ema"):  # the weights, and the EMA that eval and sampling use
         a, b = (load_file(os.path.join(d, f"step_000004/{name}.safetensors")) for d in (full, cut))
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -94,6 +235,60 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, monkeyp
     monkeypatch.setattr(train, "save_file", real)
     resumed = run(tmp_path, "--name=r", "--resume=1")
     assert train.newest_checkpoint(resumed).endswith("step_000004")
+
+
+def test_sigkill_in_a_checkpoint_write_and_mid_run_then_resumes_equal_the_unstopped_run(tmp_path):
+    # lines at 3, 4, 6, 8, 9, 10 (every 3 steps and at each checkpoint); checkpoints at 4, 8, 10
+    args = FAST + ["--micro_batch=4", "--max_steps=10", "--log_every=3", "--save_every=4",
+                   "--keep=1", f"--out_dir={tmp_path}"]
+    full = run(tmp_path, *args[len(FAST):], "--name=full")
+    cmd = [sys.executable, "train.py", *args, "--name=cut"]
+    cut = tmp_path / "cut"
+    # 1. killed inside the write of checkpoint 8, after its model.safetensors
+    env = {**os.environ, "NANOUMM_TEST_KILL_IN_SAVE": "8"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert os.listdir(cut / ".tmp_step_000008") == ["model.safetensors"]
+    assert train.newest_checkpoint(cut).endswith("step_000004")
+    assert list(losses(cut)) == [3, 4, 6, 8]  # logged past the checkpoint: cut back on resume
+    # 2. resumed, and killed from outside as soon as it logs step 6: between checkpoints
+    unbuffered = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd + ["--resume=1"], cwd=ROOT, env=unbuffered, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        if line.startswith("step      6 "):
+            p.kill()
+            break
+    assert p.wait() == -signal.SIGKILL
+    # 3. resumed to the end (in this process: it takes over the dead process's lock)
+    run(tmp_path, *args[len(FAST):], "--name=cut", "--resume=1")
+    # no lock, no half-written checkpoint; the same bytes as the run that never stopped
+    assert sorted(os.listdir(cut)) == ["log.jsonl", "speed.jsonl", "step_000010"]
+    last = ["step_000010/" + f for f in ("model.safetensors", "ema.safetensors", "optim.pt")]
+    for name in ["log.jsonl", *last]:
+        assert (cut / name).read_bytes() == open(os.path.join(full, name), "rb").read(), name
+
+
+def test_an_mfu_over_100_percent_is_measured_again_or_printed_as_a_wrong_peak(tmp_path, monkeypatch,
+                                                                             capsys):
+    real, slow = kernels.timings, [1000]  # how much slower the machine is when the peak is timed
+
+    def busy(fn, device, repeats):
+        factor = slow.pop(0) if slow else 1
+        return [t * factor for t in real(fn, device, repeats)]
+    monkeypatch.setattr(kernels, "timings", busy)
+    kernels._matmul_flops.cache_clear()
+    run_dir = run(tmp_path, "--name=quieter", "--max_steps=1")  # busy at the start only
+    out = capsys.readouterr().out
+    low = float(out.split("MFU against ")[1].split(" TFLOP/s")[0])
+    speed = json.loads(open(os.path.join(run_dir, "speed.jsonl")).readline())
+    assert speed["peak_tflops"] > 100 * low and 0 < speed["mfu"] <= 1 and "over 100%" not in out
+    slow[:] = [1000, 1000]  # busy at the start and when measured again
+    kernels._matmul_flops.cache_clear()
+    run(tmp_path, "--name=busy", "--max_steps=1")
+    kernels._matmul_flops.cache_clear()
+    out = capsys.readouterr().out
+    assert "(over 100%: the peak it divides by is wrong; measured twice, low twice)" in out
 
 
 def test_recipes_init_from_and_flow_only_uniedit(tmp_path):
@@ -237,9 +432,12 @@ def test_bench_prints_one_table_row_and_saves_nothing(tmp_path, capsys):
 def test_peak_tflops_overrides_the_measured_peak(tmp_path, capsys):
     measured = kernels.measured_matmul_flops(torch.device("cpu"))
     assert 1e9 < measured < 1e14  # fp32 GEMM on a CPU: GFLOP/s to tens of TFLOP/s
-    fast = run(tmp_path, "--name=b", "--bench=2", "--peak_tflops=1e-3")
-    assert fast["peak_tflops"] == 1e-3 and fast["mfu"] > 1  # a 1 GFLOP/s "peak" is beaten
-    assert "MFU against 0.001 TFLOP/s\n" in capsys.readouterr().out  # no "(measured matmul)" when given
+    fast = run(tmp_path, "--name=b", "--bench=2", "--peak_tflops=1e-6")
+    assert fast["peak_tflops"] == 1e-6 and fast["mfu"] > 1  # a 1 MFLOP/s "peak" is beaten
+    out = capsys.readouterr().out
+    assert "MFU against 1e-06 TFLOP/s\n" in out  # no "(measured matmul)" when given
+    wrong = "(over 100%: the peak it divides by is wrong; --peak_tflops is below this device's) |"
+    assert wrong in out
 
 
 def test_compiled_training_does_not_recompile_after_warmup(tmp_path):
