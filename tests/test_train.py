@@ -326,7 +326,8 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
 def torchrun(ranks, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                           "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+                           "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def test_the_micro_batch_adapts_to_the_number_of_ranks():
