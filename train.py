@@ -597,6 +597,10 @@ def train(cfg, after_step=None):
             evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
     log.close()
     if world_size > 1:
+        # DDP's reducer goes first: the process group's destructor waits for gloo's threads, which
+        # may need the GIL to drop a finished job's tensors; run from the reducer, it holds the
+        # GIL and at times hangs, while destroy_process_group lets the GIL go.
+        del ddp, loss_fn
         dist.destroy_process_group()
     return run_dir
 
@@ -607,12 +611,13 @@ BENCH_WARMUP = 10  # steps --bench runs before timing: compilation and autotunin
 
 
 class StepClock:
-    """train()'s after_step for --bench: times the steps from `start` to `stop` (step numbers
-    counted from 1), with what a row of README's speed table needs besides."""
+    """train()'s after_step for --bench: times the steps after the warm-up and, after the last,
+    makes a row of README's speed table (kept as `row`; the model is not kept alive past train)."""
 
-    def __init__(self, start, stop):
-        self.start = start
-        self.stop = stop
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.start = BENCH_WARMUP  # step numbers count from 1: the clock starts after step 10
+        self.stop = BENCH_WARMUP + cfg.bench
 
     def __call__(self, step, model, stream):
         device = next(model.parameters()).device
@@ -624,13 +629,14 @@ class StepClock:
             self.graphs = dynamo_counters["stats"]["unique_graphs"]
             self.t0 = time.perf_counter()
         if step == self.stop:
-            self.seconds = (time.perf_counter() - self.t0) / (self.stop - self.start)
-            self.graphs = dynamo_counters["stats"]["unique_graphs"] - self.graphs
-            self.peak_mem = None  # GiB, on CUDA
+            seconds = (time.perf_counter() - self.t0) / (self.stop - self.start)
+            peak = peak_flops(self.cfg, device)
+            peak_mem = None  # GiB, on CUDA
             if device.type == "cuda":
-                self.peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            self.model = model
-            self.counts = stream.counts
+                peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            speed = kernels.rates(model, stream.counts, self.cfg.batch_size, seconds, peak)
+            self.row = {**speed, "peak_tflops": peak / 1e12, "peak_mem_gib": peak_mem,
+                        "recompiles": dynamo_counters["stats"]["unique_graphs"] - self.graphs}
             self.device = device
 
 
@@ -638,21 +644,18 @@ def bench(cfg):
     """--bench=N: BENCH_WARMUP + N steps of train()'s own loop in a temporary folder, with no
     eval and no checkpoint, the last N timed; prints one row of README's speed table and
     returns it (on rank 0; None on the others)."""
-    clock = StepClock(BENCH_WARMUP, BENCH_WARMUP + cfg.bench)
+    clock = StepClock(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         run = dataclasses.replace(cfg, out_dir=tmp, resume=False, max_steps=clock.stop,
                                   log_every=clock.stop, eval_every=0, save_every=0)
         train(run, after_step=clock)
-    peak = peak_flops(cfg, clock.device)
-    row = {**kernels.rates(clock.model, clock.counts, cfg.batch_size, clock.seconds, peak),
-           "peak_tflops": peak / 1e12, "recompiles": clock.graphs, "peak_mem_gib": clock.peak_mem}
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 prints
+        return None
     setup = "compile" if compiles(cfg, clock.device) else "eager"
     setup += " + kernels" * cfg.kernels
     setup += " + flex" if cfg.flex and clock.device.type == "cuda" else " + sdpa"
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 prints
-        return None
-    kernels.print_bench_row(cfg.preset, setup, clock.device, row)
-    return row
+    kernels.print_bench_row(cfg.preset, setup, clock.device, clock.row)
+    return clock.row
 
 
 def main(argv):
