@@ -431,6 +431,16 @@ def evaluate_run(cfg, model, ema, tok, mcfg, run_dir, step, device, rank, world_
     model.load_state_dict(live)
 
 
+def run_header(run_dir, cfg, model, world_size, device, accum, use_compile, start, peak):
+    """The run's first line on the terminal: what runs where, from which step, and what MFU
+    divides by."""
+    n = model.num_params()["total"]
+    measured = "" if cfg.peak_tflops else " (measured matmul)"
+    return (f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n / 1e6:.2f} M params, "
+            f"{world_size} rank(s) on {device}, accumulation {accum}, compile {use_compile}, "
+            f"from step {start}, MFU against {peak / 1e12:.4g} TFLOP/s{measured}")
+
+
 LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3")  # flow_tk: t in [k/4, (k+1)/4)
 
 
@@ -535,11 +545,7 @@ def train(cfg, after_step=None):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # CPU: fp32
     peak = peak_flops(cfg, device)
     if master:
-        n = model.num_params()
-        print(f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n['total'] / 1e6:.2f} M "
-              f"params, {world_size} rank(s) on {device}, accumulation {accum}, compile "
-              f"{use_compile}, from step {start}, MFU against {peak / 1e12:.4g} TFLOP/s"
-              + (" (measured matmul)" if not cfg.peak_tflops else ""))
+        print(run_header(run_dir, cfg, model, world_size, device, accum, use_compile, start, peak))
     stage = None
     log = TrainLog(cfg, run_dir if master else None, device, world_size, start)
     for step in range(start, cfg.max_steps):
@@ -597,9 +603,8 @@ def train(cfg, after_step=None):
             evaluate_run(cfg, model, ema, tok, mcfg, run_dir, done, device, rank, world_size)
     log.close()
     if world_size > 1:
-        # DDP's reducer goes first: the process group's destructor waits for gloo's threads, which
-        # may need the GIL to drop a finished job's tensors; run from the reducer, it holds the
-        # GIL and at times hangs, while destroy_process_group lets the GIL go.
+        # DDP's reducer first: the group's destructor waits for gloo's threads, which may need the
+        # GIL; run from the reducer it holds the GIL (a rare hang), from destroy_process_group not
         del ddp, loss_fn
         dist.destroy_process_group()
     return run_dir
