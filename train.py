@@ -690,6 +690,16 @@ def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
     model.load_state_dict(live)
 
 
+def run_header(run_dir, cfg, model, plan, device, use_compile, start, peak):
+    """The run's first line on the terminal: what runs where (the batch plan: micro-batch, ranks,
+    accumulation), from which step, and what MFU divides by."""
+    n = model.num_params()["total"]
+    measured = "" if cfg.peak_tflops else " (measured matmul)"
+    return (f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n / 1e6:.2f} M params, "
+            f"{plan} on {device}, compile {use_compile}, from step {start}, "
+            f"MFU against {peak / 1e12:.4g} TFLOP/s{measured}")
+
+
 LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3")  # flow_tk: t in [k/4, (k+1)/4)
 
 
@@ -812,11 +822,7 @@ def train(cfg, after_step=None):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # CPU: fp32
     peak = peak_flops(cfg, device)
     if master:
-        n = model.num_params()
-        print(f"run {run_dir}: recipe {cfg.recipe}, preset {cfg.preset}, {n['total'] / 1e6:.2f} M "
-              f"params, {plan} on {device}, compile {use_compile}, from step {start}, "
-              f"MFU against {peak / 1e12:.4g} TFLOP/s"
-              + (" (measured matmul)" if not cfg.peak_tflops else ""))
+        print(run_header(run_dir, cfg, model, plan, device, use_compile, start, peak))
         if frozen:
             print(f"frozen, as no task of the recipe reaches them: {', '.join(frozen)}")
         if ddp is not None:
@@ -884,6 +890,9 @@ def train(cfg, after_step=None):
     if master:
         release(run_dir)
     if world_size > 1:
+        # DDP's reducer first: the group's destructor waits for gloo's threads, which may need the
+        # GIL; run from the reducer it holds the GIL (a rare hang), from destroy_process_group not
+        del ddp, loss_fn
         dist.destroy_process_group()
     return run_dir
 
@@ -894,12 +903,13 @@ BENCH_WARMUP = 10  # steps --bench runs before timing: compilation and autotunin
 
 
 class StepClock:
-    """train()'s after_step for --bench: times the steps from `start` to `stop` (step numbers
-    counted from 1), with what a row of README's speed table needs besides."""
+    """train()'s after_step for --bench: times the steps after the warm-up and, after the last,
+    makes a row of README's speed table (kept as `row`; the model is not kept alive past train)."""
 
-    def __init__(self, start, stop):
-        self.start = start
-        self.stop = stop
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.start = BENCH_WARMUP  # step numbers count from 1: the clock starts after step 10
+        self.stop = BENCH_WARMUP + cfg.bench
 
     def __call__(self, step, model, stream):
         device = next(model.parameters()).device
@@ -911,13 +921,14 @@ class StepClock:
             self.graphs = dynamo_counters["stats"]["unique_graphs"]
             self.t0 = time.perf_counter()
         if step == self.stop:
-            self.seconds = (time.perf_counter() - self.t0) / (self.stop - self.start)
-            self.graphs = dynamo_counters["stats"]["unique_graphs"] - self.graphs
-            self.peak_mem = None  # GiB, on CUDA
+            seconds = (time.perf_counter() - self.t0) / (self.stop - self.start)
+            peak = peak_flops(self.cfg, device)
+            peak_mem = None  # GiB, on CUDA
             if device.type == "cuda":
-                self.peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            self.model = model
-            self.counts = stream.counts
+                peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            speed, peak = checked_rates(model, stream.counts, self.cfg, seconds, peak, device)
+            self.row = {**speed, "peak_tflops": peak / 1e12, "peak_mem_gib": peak_mem,
+                        "recompiles": dynamo_counters["stats"]["unique_graphs"] - self.graphs}
             self.device = device
 
 
@@ -925,22 +936,18 @@ def bench(cfg):
     """--bench=N: BENCH_WARMUP + N steps of train()'s own loop in a temporary folder, with no
     eval and no checkpoint, the last N timed; prints one row of README's speed table and
     returns it (on rank 0; None on the others)."""
-    clock = StepClock(BENCH_WARMUP, BENCH_WARMUP + cfg.bench)
+    clock = StepClock(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         run = dataclasses.replace(cfg, out_dir=tmp, resume=False, max_steps=clock.stop,
                                   log_every=clock.stop, eval_every=0, save_every=0)
         train(run, after_step=clock)
-    peak = peak_flops(cfg, clock.device)
-    speed, peak = checked_rates(clock.model, clock.counts, cfg, clock.seconds, peak, clock.device)
-    row = {**speed, "peak_tflops": peak / 1e12, "recompiles": clock.graphs,
-           "peak_mem_gib": clock.peak_mem}
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 prints
+        return None
     setup = "compile" if compiles(cfg, clock.device) else "eager"
     setup += " + kernels" * cfg.kernels
     setup += " + flex" if cfg.flex and clock.device.type == "cuda" else " + sdpa"
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 prints
-        return None
-    kernels.print_bench_row(cfg.preset, setup, clock.device, row)
-    return row
+    kernels.print_bench_row(cfg.preset, setup, clock.device, clock.row)
+    return clock.row
 
 
 def main(argv):
