@@ -1313,13 +1313,16 @@ class Dataset:
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 self.meta = json.load(f)
+        except (ValueError, OSError) as e:
+            raise bad(str(e)) from None
+        version = self.meta.get("version") if isinstance(self.meta, dict) else None
+        if version != VERSION:  # checked before the world, whose fields change between versions
+            raise bad(f"format version {version} but this synth.py reads {VERSION}")
+        try:
             self.world = world_from_json(self.meta["world"])
             self.images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise bad(str(e)) from None
-        if self.meta.get("version") != VERSION:
-            raise bad(f"format version {self.meta.get('version')} but this synth.py reads "
-                      f"{VERSION}")
         if self.images.shape != (self.meta["n_images"], self.world.size, self.world.size, 3):
             raise bad(f"images.npy has shape {self.images.shape}, meta.json expects "
                       f"({self.meta['n_images']}, {self.world.size}, {self.world.size}, 3)")
