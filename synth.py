@@ -52,8 +52,8 @@ PALETTE = {  # at least 127 apart in RGB, so a noisy pixel still has an unambigu
 # Pixels each shape spans in its cell, per size: the circle's diameter, the square's side, the
 # triangle's and diamond's height, the cross's arm length (its bars are BAR_PX wide). Chosen so that
 # any two (shape, size) templates differ in at least TEMPLATE_MARGIN of the pixels of their union,
-# even offset by up to 2 px (the parser tries +-1 px on each; measured minimum 0.29), and so that a
-# 3x3 blur leaves every template nearer itself than any other: 48 px cells could not do both.
+# even offset by up to 2 px (the parser tries +-1 px on each; measured minimum 0.29), and so that
+# a 3x3 blur leaves a cell read right or rejected (tests/test_synth.py): 48 px cells could not.
 SHAPE_PX = (("large", (("circle", 15), ("square", 11), ("triangle", 13), ("diamond", 15),
                        ("cross", 15))),
             ("small", (("circle", 9), ("square", 7), ("triangle", 9), ("diamond", 7),
