@@ -332,136 +332,6 @@ class Baseline:
         return None
 
 
-# ----------------------------------------------------------------------------- the evaluation
-
-def eval_sets(world, split, n, n_t2i, n_edit):
-    """The samples to score: VQA, T2I prompts (as many of each of the seven families) and edits."""
-    mk = lambda task, i: synth.make_sample(world, task, split, i)
-    per_family, prompts, quota, i = max(1, n_t2i // len(synth.T2I_FAMILIES)), [], Counter(), 0
-    while len(prompts) < per_family * len(synth.T2I_FAMILIES):
-        s = mk("t2i", i)
-        if quota[s["family"]] < per_family:
-            quota[s["family"]] += 1
-            prompts.append(s)
-        i += 1
-    return ([mk("vqa", i) for i in range(n)], prompts,
-            [mk("edit", i) for i in range(n_edit)], [mk("uniedit", i) for i in range(n_edit)])
-
-
-def score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, seen, shown, bar):
-    """Every item's record: answers from say(questions), images from make(samples, keys); either
-    returns None for a part it does not do (a baseline). The first `shown` outputs of each image
-    part come back too, for the picture."""
-    recs, gallery = [], defaultdict(list)
-    probes = [{"text": s["probe"]["question"], "image": s["image"], "answer": s["probe"]["answer"],
-               "program": s["probe"]["program"]} for s in uniedits]
-    said = say(vqa + probes)
-    bar.update(len(vqa) + len(probes))
-    if said is not None:
-        for s, a in zip(vqa, said):
-            recs.append({"part": "vqa", "index": s["index"], "family": s["family"],
-                         "hops": s["hops"], "text": s["text"], "said": a, "truth": s["answer"],
-                         "correct": a == s["answer"]})
-        said = said[len(vqa):]
-
-    draws = [(s, k) for s in prompts for k in range(samples_per_prompt)]
-    for i in range(0, len(draws), BATCH):
-        part = draws[i:i + BATCH]
-        images = make([s for s, _ in part], [(s["id"], k) for s, k in part])
-        bar.update(len(part))
-        if images is None:
-            continue
-        for (s, k), im in zip(part, images):
-            j = judge_t2i(im, s, world)
-            recs.append({"part": "scene" if s["family"] == "scene" else "t2i",
-                         "index": s["index"], "k": k, "family": s["family"], **j})
-            if k == 0 and len(gallery["t2i"]) < shown:
-                verdict = f"strict {yes(j['strict'])}, GenEval {yes(j['geneval'])}"
-                gallery["t2i"].append((s, im, verdict))
-
-    for name, samples in (("simple", edits), ("intelligent", uniedits)):
-        for i in range(0, len(samples), BATCH):
-            part = samples[i:i + BATCH]
-            images = make(part, [(s["id"], 0) for s in part])
-            bar.update(len(part))
-            if images is None:
-                continue
-            for j, (s, im) in enumerate(zip(part, images)):
-                scene = synth.parse(im, world)
-                rec = {"part": name, "index": s["index"], "family": s["family"],
-                       "level": f"L{s['level']}", **judge_edit(im, s, world, scene)}
-                verdict = f"success {yes(rec['success'])}, following {rec['following']:.2f}, " \
-                          f"preservation {rec['preservation']:.2f}"
-                if name == "intelligent":
-                    a = None if said is None else said[i + j]
-                    rec["unseen"] = s["text"] not in seen
-                    rec["probe_correct"] = None if a is None else a == s["probe"]["answer"]
-                    rec["self_consistent"] = None if a is None else \
-                        self_consistent(im, s, a, world, scene)
-                    if a is not None:
-                        verdict += f"; probe: {a!r} ({s['probe']['answer']!r})"
-                recs.append(rec)
-                if len(gallery[name]) < shown:
-                    gallery[name].append((s, im, verdict))
-    return recs, gallery
-
-
-def yes(b):
-    return "-" if b is None else "yes" if b else "no"
-
-
-def evaluate(model, tok, world, split="val", n=1000, n_t2i=112, samples_per_prompt=4, n_edit=250,
-             seed=0, device="cpu", sampling=None, rank=0, world_size=1, progress=True,
-             seen=frozenset(), chance=True, picture=None):
-    """Score `model` (a UMM, or a Baseline with tok None) on `split` of `world`: understanding on n
-    questions, generation on n_t2i prompts x samples_per_prompt images, editing on n_edit simple and
-    n_edit intelligent edits. Under torchrun each rank takes every world_size-th sample and the
-    records are gathered, so every rank returns the same dict (see summarize); `chance` adds the
-    chance rows' headline numbers on the same sets; `picture`: a PNG path for a labelled picture
-    of the first outputs (rank 0). `seen`: a tuning set's instructions, left out of "unseen"."""
-    sampling = sampling or Sampling()
-    world = synth.get_world(world)
-    sets = eval_sets(world, split, n, n_t2i, n_edit)
-    counts = {"split": split, "seed": seed, "vqa": n, "t2i_prompts": len(sets[1]),
-              "samples_per_prompt": samples_per_prompt, "simple_edits": n_edit,
-              "intelligent_edits": n_edit}
-    if isinstance(model, Baseline):
-        say, make = model.answer, model.draw
-    else:
-        model.eval()
-        say = lambda qs: answer(model, tok, qs, device)
-        make = lambda ss, ks: draw(model, tok, ss, ks, sampling, seed, device)
-    vqa, prompts, edits, uniedits = (x[rank::world_size] for x in sets)
-    bar = tqdm(total=len(vqa) + 2 * len(uniedits) + len(prompts) * samples_per_prompt + len(edits),
-               desc=f"eval {split}", unit="sample", disable=not progress or rank != 0, leave=False,
-               dynamic_ncols=True)
-    recs, gallery = score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, seen,
-                          8 if picture else 0, bar)
-    bar.close()
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, recs)
-        recs = [r for g in gathered for r in g]
-    recs.sort(key=lambda r: (r["part"], r["index"], r.get("k", 0)))  # one order, however sharded
-    out = {**summarize(recs, counts), "sampling": asdict(sampling)}
-    if chance:
-        out["chance"] = chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen)
-    if picture and rank == 0 and any(gallery.values()):
-        draw_picture(gallery, picture)
-    return out
-
-
-@lru_cache(maxsize=None)
-def chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen):
-    """{baseline: {metric: value}} on the same sets (deterministic, so cached)."""
-    rows = {}
-    for name in BASELINES:
-        r = evaluate(Baseline(name, world, seed), None, world, split, n, n_t2i, samples_per_prompt,
-                     n_edit, seed, progress=False, seen=seen, chance=False)
-        rows[name] = {k: v["value"] for k, v in r["metrics"].items()}
-    return rows
-
-
 # ----------------------------------------------------------------------------- metrics, intervals
 # Every headline metric is a statistic of one part's per-item columns, so one definition gives the
 # value, its bootstrap interval (columns resampled over items: (RESAMPLES, n)) and --compare's
@@ -614,55 +484,7 @@ def headline(r):
     return {k: r["metrics"][k]["value"] for k in HEADLINE}
 
 
-# ----------------------------------------------------------------------------- tables and pictures
-
-def num(x):
-    return "-" if x is None else f"{x:.3f}"
-
-
-def to_markdown(r, title="nanoUMM eval"):
-    c, m = r["counts"], r["metrics"]
-    chance = r.get("chance", {})
-    sampling = ", ".join(f"{k} {v}" for k, v in r["sampling"].items())
-    lines = [f"## {title}", "",
-             f"split {c['split']}, seed {c['seed']}; {c['vqa']} questions, {c['t2i_prompts']} "
-             f"prompts x {c['samples_per_prompt']} images, {c['simple_edits']} simple + "
-             f"{c['intelligent_edits']} intelligent edits; sampling {sampling}; 95% bootstrap "
-             "intervals; chance rows on the same sets (eval.py --baseline NAME)", "",
-             "| metric | value | 95% interval | " + " | ".join(chance) + " |",
-             "| --- | --- | --- |" + " --- |" * len(chance)]
-    for k, (label, _, _) in METRICS.items():
-        ci = f"{m[k]['ci'][0]:.3f} - {m[k]['ci'][1]:.3f}" if m[k]["ci"] else "-"
-        rows = " | ".join(num(row[k]) for row in chance.values())
-        lines.append(f"| {label} | {num(m[k]['value'])} | {ci} | {rows} |")
-    u, g, e = r["understanding"], r["generation"], r["editing"]
-    if u["by_family"]:
-        lines += ["", "| VQA | n | accuracy |", "| --- | --- | --- |"]
-        rows = list(u["by_family"].items()) + [(f"{k} hops", v) for k, v in u["by_hops"].items()]
-        lines += [f"| {k} | {v['n']} | {num(v['correct'])} |" for k, v in rows]
-    if g["by_category"]:
-        lines += ["", "| ShapeEval category | prompts | strict | GenEval's rule |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {v['n']} | {num(v['strict'])} | {num(v['geneval'])} |"
-                  for k, v in g["by_category"].items()]
-    if e["simple"]["by_family"] or e["intelligent"]["by_family"]:
-        fields = ("success", "following", "preservation", "overall", "pixel_l1")
-        lines += ["", "| edits | group | n | success | following | preservation | overall | "
-                  "pixel L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name in ("simple", "intelligent"):
-            groups = list(e[name]["by_family"].items()) + list(e[name]["by_level"].items())
-            lines += [f"| {name} | {k} | {v['n']} | " + " | ".join(num(v[f]) for f in fields) + " |"
-                      for k, v in groups]
-    if r["consistency"]:
-        t = r["consistency"]
-        lines += ["", "| intelligent edits | edit right | edit wrong |", "| --- | --- | --- |"]
-        lines += [f"| probe {p} | {t[f'probe {p} / edit right']} | {t[f'probe {p} / edit wrong']} |"
-                  for p in ("right", "wrong")]
-    if u["examples"]:
-        lines += ["", "| question | model's answer | truth |", "| --- | --- | --- |"]
-        lines += [f"| {x['text']} | {x['said']} | {x['truth']} |" for x in u["examples"]]
-    return "\n".join(lines) + "\n"
-
+# ----------------------------------------------------------------------------- pictures
 
 SCALE = 2  # picture images are drawn at 2x (128 px for the 64 px worlds), nearest neighbour
 PER_ROW = 4  # samples side by side in a picture
@@ -725,6 +547,188 @@ def save_atomic(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+@lru_cache(maxsize=4)
+def eval_sets(world, split, n, n_t2i, n_edit):
+    """The samples to score: VQA, T2I prompts (as many of each of the seven families) and edits;
+    cached, since the chance rows score the same ones (nothing changes them)."""
+    mk = lambda task, i: synth.make_sample(world, task, split, i)
+    per_family, prompts, quota, i = max(1, n_t2i // len(synth.T2I_FAMILIES)), [], Counter(), 0
+    while len(prompts) < per_family * len(synth.T2I_FAMILIES):
+        s = mk("t2i", i)
+        if quota[s["family"]] < per_family:
+            quota[s["family"]] += 1
+            prompts.append(s)
+        i += 1
+    return ([mk("vqa", i) for i in range(n)], prompts,
+            [mk("edit", i) for i in range(n_edit)], [mk("uniedit", i) for i in range(n_edit)])
+
+
+def score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, seen, shown, bar):
+    """Every item's record: answers from say(questions), images from make(samples, keys); either
+    returns None for a part it does not do (a baseline). The first `shown` outputs of each image
+    part come back too, for the picture."""
+    recs, gallery = [], defaultdict(list)
+    probes = [{"text": s["probe"]["question"], "image": s["image"], "answer": s["probe"]["answer"],
+               "program": s["probe"]["program"]} for s in uniedits]
+    said = say(vqa + probes)
+    bar.update(len(vqa) + len(probes))
+    if said is not None:
+        for s, a in zip(vqa, said):
+            recs.append({"part": "vqa", "index": s["index"], "family": s["family"],
+                         "hops": s["hops"], "text": s["text"], "said": a, "truth": s["answer"],
+                         "correct": a == s["answer"]})
+        said = said[len(vqa):]
+
+    draws = [(s, k) for s in prompts for k in range(samples_per_prompt)]
+    for i in range(0, len(draws), BATCH):
+        part = draws[i:i + BATCH]
+        images = make([s for s, _ in part], [(s["id"], k) for s, k in part])
+        bar.update(len(part))
+        if images is None:
+            continue
+        for (s, k), im in zip(part, images):
+            j = judge_t2i(im, s, world)
+            recs.append({"part": "scene" if s["family"] == "scene" else "t2i",
+                         "index": s["index"], "k": k, "family": s["family"], **j})
+            if k == 0 and len(gallery["t2i"]) < shown:
+                verdict = f"strict {yes(j['strict'])}, GenEval {yes(j['geneval'])}"
+                gallery["t2i"].append((s, im, verdict))
+
+    for name, samples in (("simple", edits), ("intelligent", uniedits)):
+        for i in range(0, len(samples), BATCH):
+            part = samples[i:i + BATCH]
+            images = make(part, [(s["id"], 0) for s in part])
+            bar.update(len(part))
+            if images is None:
+                continue
+            for j, (s, im) in enumerate(zip(part, images)):
+                scene = synth.parse(im, world)
+                rec = {"part": name, "index": s["index"], "family": s["family"],
+                       "level": f"L{s['level']}", **judge_edit(im, s, world, scene)}
+                verdict = f"success {yes(rec['success'])}, following {rec['following']:.2f}, " \
+                          f"preservation {rec['preservation']:.2f}"
+                if name == "intelligent":
+                    a = None if said is None else said[i + j]
+                    rec["unseen"] = s["text"] not in seen
+                    rec["probe_correct"] = None if a is None else a == s["probe"]["answer"]
+                    rec["self_consistent"] = None if a is None else \
+                        self_consistent(im, s, a, world, scene)
+                    if a is not None:
+                        verdict += f"; probe: {a!r} ({s['probe']['answer']!r})"
+                recs.append(rec)
+                if len(gallery[name]) < shown:
+                    gallery[name].append((s, im, verdict))
+    return recs, gallery
+
+
+def yes(b):
+    return "-" if b is None else "yes" if b else "no"
+
+
+def evaluate(model, tok, world, split="val", n=1000, n_t2i=112, samples_per_prompt=4, n_edit=200,
+             seed=0, device="cpu", sampling=None, rank=0, world_size=1, progress=True,
+             seen=frozenset(), chance=True, picture=None):
+    """Score `model` (a UMM, or a Baseline with tok None) on `split` of `world`: understanding on n
+    questions, generation on n_t2i prompts x samples_per_prompt images, editing on n_edit simple and
+    n_edit intelligent edits. Under torchrun each rank takes every world_size-th sample and the
+    records are gathered, so every rank returns the same dict (see summarize); `chance` adds the
+    chance rows' headline numbers on the same sets; `picture`: a PNG path for a labelled picture
+    of the first outputs (rank 0). `seen`: a tuning set's instructions, left out of "unseen"."""
+    sampling = sampling or Sampling()
+    world = synth.get_world(world)
+    sets = eval_sets(world, split, n, n_t2i, n_edit)
+    counts = {"split": split, "seed": seed, "vqa": n, "t2i_prompts": len(sets[1]),
+              "samples_per_prompt": samples_per_prompt, "simple_edits": n_edit,
+              "intelligent_edits": n_edit}
+    if isinstance(model, Baseline):
+        say, make = model.answer, model.draw
+    else:
+        model.eval()
+        say = lambda qs: answer(model, tok, qs, device)
+        make = lambda ss, ks: draw(model, tok, ss, ks, sampling, seed, device)
+    vqa, prompts, edits, uniedits = (x[rank::world_size] for x in sets)
+    bar = tqdm(total=len(vqa) + 2 * len(uniedits) + len(prompts) * samples_per_prompt + len(edits),
+               desc=f"eval {split}", unit="sample", disable=not progress or rank != 0, leave=False,
+               dynamic_ncols=True)
+    recs, gallery = score(say, make, world, vqa, prompts, edits, uniedits, samples_per_prompt, seen,
+                          8 if picture else 0, bar)
+    bar.close()
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, recs)
+        recs = [r for g in gathered for r in g]
+    recs.sort(key=lambda r: (r["part"], r["index"], r.get("k", 0)))  # one order, however sharded
+    out = {**summarize(recs, counts), "sampling": asdict(sampling)}
+    if chance:
+        out["chance"] = chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen)
+    if picture and rank == 0 and any(gallery.values()):
+        draw_picture(gallery, picture)
+    return out
+
+
+@lru_cache(maxsize=None)
+def chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen):
+    """{baseline: {metric: value}} on the same sets (deterministic, so cached)."""
+    rows = {}
+    for name in BASELINES:
+        r = evaluate(Baseline(name, world, seed), None, world, split, n, n_t2i, samples_per_prompt,
+                     n_edit, seed, progress=False, seen=seen, chance=False)
+        rows[name] = {k: v["value"] for k, v in r["metrics"].items()}
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables
+
+def num(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def to_markdown(r, title="nanoUMM eval"):
+    c, m = r["counts"], r["metrics"]
+    chance = r.get("chance", {})
+    sampling = ", ".join(f"{k} {v}" for k, v in r["sampling"].items())
+    lines = [f"## {title}", "",
+             f"split {c['split']}, seed {c['seed']}; {c['vqa']} questions, {c['t2i_prompts']} "
+             f"prompts x {c['samples_per_prompt']} images, {c['simple_edits']} simple + "
+             f"{c['intelligent_edits']} intelligent edits; sampling {sampling}; 95% bootstrap "
+             "intervals; chance rows on the same sets (eval.py --baseline NAME)", "",
+             "| metric | value | 95% interval | " + " | ".join(chance) + " |",
+             "| --- | --- | --- |" + " --- |" * len(chance)]
+    for k, (label, _, _) in METRICS.items():
+        ci = f"{m[k]['ci'][0]:.3f} - {m[k]['ci'][1]:.3f}" if m[k]["ci"] else "-"
+        rows = " | ".join(num(row[k]) for row in chance.values())
+        lines.append(f"| {label} | {num(m[k]['value'])} | {ci} | {rows} |")
+    u, g, e = r["understanding"], r["generation"], r["editing"]
+    if u["by_family"]:
+        lines += ["", "| VQA | n | accuracy |", "| --- | --- | --- |"]
+        rows = list(u["by_family"].items()) + [(f"{k} hops", v) for k, v in u["by_hops"].items()]
+        lines += [f"| {k} | {v['n']} | {num(v['correct'])} |" for k, v in rows]
+    if g["by_category"]:
+        lines += ["", "| ShapeEval category | prompts | strict | GenEval's rule |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v['n']} | {num(v['strict'])} | {num(v['geneval'])} |"
+                  for k, v in g["by_category"].items()]
+    if e["simple"]["by_family"] or e["intelligent"]["by_family"]:
+        fields = ("success", "following", "preservation", "overall", "pixel_l1")
+        lines += ["", "| edits | group | n | success | following | preservation | overall | "
+                  "pixel L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name in ("simple", "intelligent"):
+            groups = list(e[name]["by_family"].items()) + list(e[name]["by_level"].items())
+            lines += [f"| {name} | {k} | {v['n']} | " + " | ".join(num(v[f]) for f in fields) + " |"
+                      for k, v in groups]
+    if r["consistency"]:
+        t = r["consistency"]
+        lines += ["", "| intelligent edits | edit right | edit wrong |", "| --- | --- | --- |"]
+        lines += [f"| probe {p} | {t[f'probe {p} / edit right']} | {t[f'probe {p} / edit wrong']} |"
+                  for p in ("right", "wrong")]
+    if u["examples"]:
+        lines += ["", "| question | model's answer | truth |", "| --- | --- | --- |"]
+        lines += [f"| {x['text']} | {x['said']} | {x['truth']} |" for x in u["examples"]]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- --compare
@@ -856,7 +860,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1000, help="VQA questions")
     p.add_argument("--n_t2i", type=int, default=112, help="T2I prompts, as many per family (7)")
     p.add_argument("--samples_per_prompt", type=int, default=4)
-    p.add_argument("--n_edit", type=int, default=250, help="simple edits, as many intelligent ones")
+    p.add_argument("--n_edit", type=int, default=200, help="simple edits, as many intelligent ones")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
     p.add_argument("--unseen_from", default="", help="a synth.py dataset folder (the tuning set): "
                    "intelligent edits whose instruction is in its train split are not unseen")

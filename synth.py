@@ -52,8 +52,8 @@ PALETTE = {  # at least 127 apart in RGB, so a noisy pixel still has an unambigu
 # Pixels each shape spans in its cell, per size: the circle's diameter, the square's side, the
 # triangle's and diamond's height, the cross's arm length (its bars are BAR_PX wide). Chosen so that
 # any two (shape, size) templates differ in at least TEMPLATE_MARGIN of the pixels of their union,
-# even offset by up to 2 px (the parser tries +-1 px on each; measured minimum 0.29), and so that a
-# 3x3 blur leaves every template nearer itself than any other: 48 px cells could not do both.
+# even offset by up to 2 px (the parser tries +-1 px on each; measured minimum 0.29), and so that
+# a 3x3 blur leaves a cell read right or rejected (tests/test_synth.py): 48 px cells could not.
 SHAPE_PX = (("large", (("circle", 15), ("square", 11), ("triangle", 13), ("diamond", 15),
                        ("cross", 15))),
             ("small", (("circle", 9), ("square", 7), ("triangle", 9), ("diamond", 7),
@@ -1313,13 +1313,16 @@ class Dataset:
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 self.meta = json.load(f)
+        except (ValueError, OSError) as e:
+            raise bad(str(e)) from None
+        version = self.meta.get("version") if isinstance(self.meta, dict) else None
+        if version != VERSION:  # checked before the world, whose fields change between versions
+            raise bad(f"format version {version} but this synth.py reads {VERSION}")
+        try:
             self.world = world_from_json(self.meta["world"])
             self.images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise bad(str(e)) from None
-        if self.meta.get("version") != VERSION:
-            raise bad(f"format version {self.meta.get('version')} but this synth.py reads "
-                      f"{VERSION}")
         if self.images.shape != (self.meta["n_images"], self.world.size, self.world.size, 3):
             raise bad(f"images.npy has shape {self.images.shape}, meta.json expects "
                       f"({self.meta['n_images']}, {self.world.size}, {self.world.size}, 3)")

@@ -344,6 +344,11 @@ def test_corrupt_dataset_is_refused(tmp_path):
         f.truncate(1000)
     with pytest.raises(ValueError, match="corrupt"):
         synth.Dataset(path)
+    meta = json.load(open(os.path.join(path, "meta.json")))  # a dataset of the 32 px world
+    json.dump({**meta, "version": 1, "world": {**meta["world"], "side_px": [["large", 7]]}},
+              open(os.path.join(path, "meta.json"), "w"))
+    with pytest.raises(ValueError, match="format version 1 but this synth.py reads 2"):
+        synth.Dataset(path)
     os.remove(os.path.join(path, "meta.json"))
     r = run_cli("--show", path)
     assert r.returncode != 0 and "meta.json is missing" in r.stderr
