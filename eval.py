@@ -871,6 +871,9 @@ def main(argv=None):
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("eval.py runs as one process: start it with python, not torchrun "
+                             "(train.py's eval during training splits its sets over the ranks)")
         if a.compare:
             print(compare(a.compare, a.rows.split(",")), end="")
             return

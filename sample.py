@@ -174,6 +174,8 @@ def main(argv=None):
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("sample.py runs as one process: start it with python, not torchrun")
         if sum(x is not None for x in (a.question, a.prompt, a.edit)) > 1:
             raise ValueError("give one of --question, --prompt and --edit")
         if a.n < 1:

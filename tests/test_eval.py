@@ -338,6 +338,9 @@ def test_bad_checkpoints_and_options_get_one_line_errors(ckpt, tmp_path, monkeyp
     assert "--n must be at least 1" in one_line_error("--ckpt", ckpt, "--n", "0")
     assert "shift >= 1" in one_line_error("--ckpt", ckpt, "--shift", "0.5")
     assert "unknown --baseline 'lucky'" in one_line_error("--baseline", "lucky")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused rather than run twice
+    assert "not torchrun" in one_line_error("--baseline", "blank")
+    monkeypatch.delenv("WORLD_SIZE")
     assert "--ckpt CHECKPOINT or --baseline" in one_line_error("--ckpt", ckpt, "--baseline",
                                                                 "blank")
     # a checkpoint of the world as it was before its templates changed (here: 32 px)

@@ -92,6 +92,13 @@ def test_multi_round_edit_and_from_synth(ckpt, tmp_path, png, capsys):
     assert "target.png" in os.listdir(tmp_path / "ie") and "edit " in capsys.readouterr().out
 
 
+def test_torchrun_is_refused_with_one_line(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, tmp_path, "--prompt", "A circle.")
+    assert e.value.code == "error: sample.py runs as one process: start it with python, not torchrun"
+
+
 def test_bad_input_gets_one_line_errors(ckpt, tmp_path, png):
     def error(*args, ck=ckpt):
         with pytest.raises(SystemExit) as e:
