@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import kernels
 import synth
-from eval import evaluate, headline, num, to_markdown
+from eval import evaluate, headline, num, save_atomic, to_markdown
 from model import (TASK_GROUP, UMM, UMMConfig, checkpoints, collate, load_weights,
                    newest_checkpoint, read_meta, read_weights)
 
@@ -679,8 +679,8 @@ def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
                        device=device, rank=rank, world_size=world_size, progress=False,
                        picture=os.path.join(run_dir, "samples", f"step_{step:06d}.png"))
     if rank == 0:
-        with open(os.path.join(run_dir, "samples", f"step_{step:06d}.md"), "w") as f:
-            f.write(to_markdown(results, f"step {step}, EMA weights"))
+        table = to_markdown(results, f"step {step}, EMA weights").encode()
+        save_atomic(os.path.join(run_dir, "samples", f"step_{step:06d}.md"), lambda f: f.write(table))
         scores = headline(results)
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in scores.items()}}) + "\n")
