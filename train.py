@@ -680,7 +680,8 @@ def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
                        picture=os.path.join(run_dir, "samples", f"step_{step:06d}.png"))
     if rank == 0:
         table = to_markdown(results, f"step {step}, EMA weights").encode()
-        save_atomic(os.path.join(run_dir, "samples", f"step_{step:06d}.md"), lambda f: f.write(table))
+        md = os.path.join(run_dir, "samples", f"step_{step:06d}.md")
+        save_atomic(md, lambda f: f.write(table))
         scores = headline(results)
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in scores.items()}}) + "\n")
