@@ -62,7 +62,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint of this run
     seed: int = 0  # the data order, the initial weights and the flow noise
     # data
-    world: str = "tiny"  # the synth world: tiny (32 px) or default (64 px)
+    world: str = "tiny"  # the synth world: tiny or default (both 64 px; see synth.WORLDS)
     data: str = ""  # a synth.py dataset folder; default: samples made on the fly
     mix: str = ""  # task weights "vqa:1,t2i:1,edit:1"; default: the recipe's
     num_workers: int = 0  # DataLoader worker processes making batches
