@@ -667,8 +667,9 @@ def open_logs(run_dir, step):
 @torch.no_grad()
 def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
     """With the EMA weights: eval.evaluate on small val sets (each rank scores its share, the
-    records are gathered) and, on rank 0, its table, the headline numbers in log.jsonl and a
-    labelled picture of generations and edits (eval.draw_picture) under run_dir/samples/."""
+    records are gathered) and, on rank 0, its table and a labelled picture of generations and
+    edits (eval.draw_picture) under run_dir/samples/. Returns the headline scores (TrainLog logs
+    them), or None on the other ranks."""
     live = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.to(live[k].dtype) for k, v in ema.items()})
     model.eval()
@@ -678,17 +679,12 @@ def evaluate_run(cfg, model, ema, tok, run_dir, step, device, rank, world_size):
     results = evaluate(model, tok, world, "val", n=128, n_t2i=28, samples_per_prompt=2, n_edit=32,
                        device=device, rank=rank, world_size=world_size, progress=False,
                        picture=os.path.join(run_dir, "samples", f"step_{step:06d}.png"))
-    if rank == 0:
-        table = to_markdown(results, f"step {step}, EMA weights").encode()
-        md = os.path.join(run_dir, "samples", f"step_{step:06d}.md")
-        save_atomic(md, lambda f: f.write(table))
-        scores = headline(results)
-        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in scores.items()}}) + "\n")
-        shown = ", ".join(f"{k} {num(v)}" for k, v in scores.items())
-        tqdm.write(f"eval step {step} (EMA): {shown}; table and picture in "
-                   f"{run_dir}/samples/step_{step:06d}.md/.png")
     model.load_state_dict(live)
+    if rank != 0:
+        return None
+    table = to_markdown(results, f"step {step}, EMA weights").encode()
+    save_atomic(os.path.join(run_dir, "samples", f"step_{step:06d}.md"), lambda f: f.write(table))
+    return headline(results)
 
 
 def run_header(run_dir, cfg, model, plan, device, use_compile, start, peak):
@@ -718,6 +714,7 @@ class TrainLog:
         if run_dir is not None:  # a resumed run logs again the steps after its checkpoint
             self.files = open_logs(run_dir, start)
         self.cfg = cfg
+        self.run_dir = run_dir
         self.world_size = world_size
         self.sums = torch.zeros(2, len(LOGGED), device=device)  # (sum, count) per logged loss
         self.nan = torch.full((), math.nan, device=device)  # a loss a micro-batch does not have
@@ -757,6 +754,16 @@ class TrainLog:
                    f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.2f} | "
                    f"{speed['ms_per_step']:.0f} ms | {speed['tokens_per_s']:,.0f} tok/s | "
                    f"{speed['images_per_s']:,.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min")
+
+    def write_eval(self, step, scores):  # the eval's headline scores, as a line of log.jsonl
+        if self.files is None:
+            return
+        self.files[0].write(json.dumps({"step": step, **{f"val_{k}": v for k, v in scores.items()}})
+                            + "\n")
+        self.files[0].flush()
+        shown = ", ".join(f"{k} {num(v)}" for k, v in scores.items())
+        tqdm.write(f"eval step {step} (EMA): {shown}; table and picture in "
+                   f"{self.run_dir}/samples/step_{step:06d}.md/.png")
 
     def close(self):
         self.bar.close()
@@ -881,7 +888,8 @@ def train(cfg, after_step=None):
         log.bar.update(1)
         # eval before the checkpoint: a run stopped between the two redoes both, eval line included
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            evaluate_run(cfg, model, ema, tok, run_dir, done, device, rank, world_size)
+            scores = evaluate_run(cfg, model, ema, tok, run_dir, done, device, rank, world_size)
+            log.write_eval(done, scores)
         if saves_at(cfg, done):
             if master:
                 save_checkpoint(run_dir, done, model, ema, opt, run_meta(cfg, mcfg), tok, cfg.keep)
