@@ -74,11 +74,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import synth
-from model import EOS, TASK_GROUP, collate, euler, load_checkpoint, newest_checkpoint
+from model import (CELL_CLASSES, EOS, TASK_GROUP, cell_labels, collate, euler, load_checkpoint,
+                   newest_checkpoint)
 
 GENEVAL = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BATCH = 64  # samples per forward pass
@@ -187,9 +189,43 @@ def cell_map(scene):
     return cells
 
 
+ERRORS = ("malformed", "wrong shape", "wrong color", "wrong size", "wrong cell", "missing",
+          "extra")
+
+
+def cell_errors(got, wanted):
+    """The wrong cells of an output's cell map against the wanted one, counted by kind (ERRORS):
+    malformed (unreadable); wrong shape / color / size (an object other than the wanted one: its
+    first differing attribute); wrong cell (the wanted object drawn in a cell meant to be empty
+    while its own cell is left empty: one error, not a missing and an extra); missing (empty where
+    an object was wanted); extra (an object where none was wanted)."""
+    errors = Counter()
+    missing, extra = [], []
+    for cell in sorted(set(got) | set(wanted)):
+        g, w = got.get(cell), wanted.get(cell)
+        if g == w:
+            continue
+        if g == MALFORMED:
+            errors["malformed"] += 1
+        elif g is None:
+            missing.append(w)
+        elif w is None:
+            extra.append(g)
+        else:
+            errors[next(f"wrong {a}" for a, x, y in zip(synth.ATTRS, g, w) if x != y)] += 1
+    for obj in extra:
+        if obj in missing:
+            missing.remove(obj)
+            errors["wrong cell"] += 1
+        else:
+            errors["extra"] += 1
+    errors["missing"] += len(missing)
+    return {k: errors[k] for k in ERRORS}
+
+
 def judge_t2i(image, sample, world):
     """One generated image: strict and GenEval-rule verdicts (None: GenEval has no rule for
-    full-scene captions), and the object counts of a full-scene caption's F1."""
+    full-scene captions), the object counts of a full-scene caption's F1 and its cell errors."""
     scene = synth.parse(image, world)
     geneval = sample["geneval"] and synth.geneval_holds(sample["geneval"], scene.objects, world)
     wanted = {(d["row"], d["col"]): (d["shape"], d["color"], d["size"])
@@ -197,7 +233,8 @@ def judge_t2i(image, sample, world):
     got = cell_map(scene)
     return {"strict": synth.holds_exactly(sample["describes"], scene) and geneval is not False,
             "geneval": geneval, "tp": sum(got.get(cell) == obj for cell, obj in wanted.items()),
-            "pred": len(got), "truth": len(wanted)}
+            "pred": len(got), "truth": len(wanted),
+            "errors": cell_errors(got, wanted) if sample["family"] == "scene" else None}
 
 
 def judge_edit(image, sample, world, scene=None):
@@ -221,7 +258,7 @@ def judge_edit(image, sample, world, scene=None):
             "preservation": preservation, "overall": math.sqrt(following * preservation),
             "pixel_l1": float(diff[mask].mean()) if mask.any() else 0.0,
             "should_change": len(change), "followed": followed, "should_stay": len(stay),
-            "kept": kept}
+            "kept": kept, "errors": cell_errors(out, tgt)}
 
 
 def self_consistent(image, sample, said, world, scene=None):
@@ -459,6 +496,8 @@ def summarize(recs, counts):
                 for k, g in sorted(groups.items())}
     vqa = [r for r in recs if r["part"] == "vqa"]
     geneval = [p for p in prompts if p["part"] == "t2i"]
+    judged = {part: [r["errors"] for r in recs if r["part"] == part]
+              for part in ("scene", "simple", "intelligent")}
     table = Counter((r["probe_correct"], r["success"]) for r in ie) if answered else Counter()
     return {
         "counts": counts,
@@ -472,6 +511,8 @@ def summarize(recs, counts):
                            "by_level": by(g, "level", edit_cols)}
                     for name in ("simple", "intelligent")
                     for g in [[r for r in recs if r["part"] == name]]},
+        "cell_errors": {part: {k: sum(e[k] for e in es) / len(es) for k in ERRORS}
+                        for part, es in judged.items() if es},  # per image
         "consistency": {f"probe {p} / edit {e}": table[pk, ek]
                         for p, pk in (("right", True), ("wrong", False))
                         for e, ek in (("right", True), ("wrong", False))} if answered else None,
@@ -681,6 +722,50 @@ def chance_rows(world, split, n, n_t2i, samples_per_prompt, n_edit, seed, seen):
     return rows
 
 
+# ----------------------------------------------------------------------------- linear probe
+
+@torch.no_grad()
+def semantic_features(model, images, device):
+    """The semantic tokens the trunk reads, (B, N, C) float, of uint8 images (B, S, S, 3)."""
+    x = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.cat([model.semantic_tokens(x[i:i + BATCH].to(device)).float().cpu()
+                      for i in range(0, len(x), BATCH)])
+
+
+def linear_probe(model, world, split="val", n_train=1000, n_test=500, device="cpu"):
+    """Linear probes of the semantic tokens: is a failure perception (the attribute cannot be read
+    off the tokens the trunk sees) or reasoning (it can, and the trunk does not use it)? For each
+    attribute a softmax classifier on single tokens, fitted (L-BFGS, a little L2) on the cells of
+    n_train train VQA images, scored on the occupied cells of n_test `split` images. Returns
+    {attribute: accuracy}."""
+    def cells(split, n):
+        samples = [synth.make_sample(world, "vqa", split, i) for i in range(n)]
+        x = semantic_features(model, [s["image"] for s in samples], device).flatten(0, 1)
+        y = torch.stack([cell_labels(s["scene"], model.cfg) for s in samples]).flatten(0, 1)
+        return x, y  # (n N, C), (n N, 3)
+
+    x, y = cells("train", n_train)
+    x_test, y_test = cells(split, n_test)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x, x_test = (x - mu) / sd, (x_test - mu) / sd
+    occupied = y_test[:, 0] > 0
+    out = {}
+    for i, (attr, classes) in enumerate(zip(synth.ATTRS, CELL_CLASSES)):
+        w = torch.zeros(x.shape[1] + 1, classes, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w[:-1] + w[-1], y[:, i]) + 1e-4 * w[:-1].pow(2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        with torch.no_grad():
+            pred = (x_test @ w[:-1] + w[-1]).argmax(-1)
+        out[attr] = float((pred == y_test[:, i])[occupied].float().mean())
+    return out
+
+
 # ----------------------------------------------------------------------------- tables
 
 def num(x):
@@ -720,6 +805,14 @@ def to_markdown(r, title="nanoUMM eval"):
             groups = list(e[name]["by_family"].items()) + list(e[name]["by_level"].items())
             lines += [f"| {name} | {k} | {v['n']} | " + " | ".join(num(v[f]) for f in fields) + " |"
                       for k, v in groups]
+    if r.get("linear_probe"):
+        lines += ["", "Linear probe of the semantic tokens (occupied cells; eval.linear_probe): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["linear_probe"].items())]
+    if r.get("cell_errors"):
+        lines += ["", "| wrong cells per image | " + " | ".join(ERRORS) + " |",
+                  "| --- |" + " --- |" * len(ERRORS)]
+        lines += [f"| {part} | " + " | ".join(f"{e[k]:.2f}" for k in ERRORS) + " |"
+                  for part, e in r["cell_errors"].items()]
     if r["consistency"]:
         t = r["consistency"]
         lines += ["", "| intelligent edits | edit right | edit wrong |", "| --- | --- | --- |"]
@@ -902,6 +995,8 @@ def main(argv=None):
             synth.check_writable(path, "results file")
         r = evaluate(model, tok, world, a.split, a.n, a.n_t2i, a.samples_per_prompt, a.n_edit,
                      a.seed, a.device, sampling, seen=seen, picture=stem + ".png")
+        if not a.baseline:
+            r["linear_probe"] = linear_probe(model, world, a.split, device=a.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     r = {"checkpoint": ckpt, "step": step, "weights": None if a.baseline else a.weights,

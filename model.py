@@ -22,6 +22,8 @@ and uniedit share the edit layout), each present only if the samples hold that t
 tasks is one batch:
     tokens (B, T) long: text ids with BOS/BOI/EOI/SEP/EOS placed, [PAD] at image positions
     images (B, 3, S, S) float in [-1, 1]: sem (vqa), source and target (edit), target (t2i)
+    <image>_cells (B, N, 3) long: each image's per-cell attribute labels (cell_labels), when the
+        samples carry their scenes
     rows (B,): the samples' indices in the list given to collate
 
 API: UMMConfig.preset(name, **overrides); UMM(cfg); collate(samples, cfg, tokenizer) -> batch;
@@ -50,9 +52,14 @@ from safetensors.torch import load_file
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 import kernels
+import synth
 
 PAD, BOS, EOS, BOI, EOI, SEP = 0, 1, 2, 3, 4, 5  # ids of synth.SPECIALS
 TASK_GROUP = {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit"}
+# The classes of the per-cell attribute labels: "empty", then the world's values (every world
+# shares them), for shape, colour and size in turn.
+CELL_VALUES = [("empty",) + synth.values(synth.get_world("default"), a) for a in synth.ATTRS]
+CELL_CLASSES = [len(v) for v in CELL_VALUES]  # [6, 9, 3]
 
 
 # ----------------------------------------------------------------------------- config
@@ -64,6 +71,7 @@ class UMMConfig:
     heads: int = 0
     image_size: int = 64  # px per side, that of the synth world
     patch: int = 16  # px per patch side; the world's cell size gives one token per cell
+    cells: int = 4  # the synth world's cells per side, the grid of the per-cell attribute labels
     enc_depth: int = 2  # semantic ViT encoder blocks
     head_depth: int = 2  # adaLN flow-head blocks
     # Each layout's fixed text slot, in tokens. synth's longest texts: a probe question + SEP
@@ -80,6 +88,11 @@ class UMMConfig:
     rope_base: float = 10000.0
     ce_weight: float = 1.0  # total = ce_weight * ce + flow_weight * flow; 0 is flow-only
     flow_weight: float = 1.0
+    # Per-cell attribute losses (README, "What it takes to learn the shapes world"): linear heads
+    # name each cell's shape, colour and size (or empty) from the semantic tokens the trunk reads
+    # (sem_cells) and from the trunk's outputs at the noisy image it generates (gen_cells).
+    sem_cell_weight: float = 1.0
+    gen_cell_weight: float = 1.0
     # Training drops each condition independently, so that guidance has all its terms.
     txt_dropout: float = 0.1
     src_dropout: float = 0.1  # the semantic source tokens
@@ -93,6 +106,9 @@ class UMMConfig:
                              f"of even size (for RoPE)")
         if self.image_size % self.patch:
             raise ValueError(f"patch={self.patch} must divide image_size={self.image_size}")
+        if (self.image_size // self.patch) % self.cells:
+            raise ValueError(f"the {self.image_size // self.patch} patches per side must split "
+                             f"evenly into the world's cells={self.cells} per side")
 
     @staticmethod
     def preset(name, **overrides):
@@ -224,9 +240,24 @@ def collate(samples, cfg, tokenizer):
                 item["source"] = image_tensor(sample["image"])
             if sample.get("target") is not None:
                 item["target"] = image_tensor(sample["target"])
+        # the attribute labels of each image the model reads or makes, when the sample has its
+        # scene (every synth sample; not a prompt typed into sample.py)
+        for image, scene in (("sem", "scene"), ("source", "scene"), ("target", "target_scene")):
+            if image in item and sample.get(scene) is not None:
+                item[f"{image}_cells"] = cell_labels(sample[scene], cfg)
         groups.setdefault(task, []).append(item)
     return {task: {k: torch.stack([it[k] for it in items]) for k in items[0]}
             for task, items in groups.items()}
+
+
+def cell_labels(scene, cfg):
+    """A synth scene ([shape, color, size, row, col] per object) -> (N, 3) long: for each patch, in
+    reading order, the classes (CELL_VALUES) of its cell's shape, colour and size; 0 is empty."""
+    cells = torch.zeros(cfg.cells, cfg.cells, 3, dtype=torch.long)
+    for *attrs, row, col in scene:
+        cells[row, col] = torch.tensor([v.index(a) for v, a in zip(CELL_VALUES, attrs)])
+    k = cfg.image_size // cfg.patch // cfg.cells  # patches per cell side
+    return cells.repeat_interleave(k, 0).repeat_interleave(k, 1).flatten(0, 1)
 
 
 def patchify(img, p):  # (B, 3, S, S) -> (B, N, 3 p p), patches in reading order
@@ -450,6 +481,7 @@ class UMM(nn.Module):
         self.enc_norm = RMSNorm(C, cfg.kernels)
         self.adapter = nn.Sequential(nn.Linear(C, C, bias=False), nn.GELU(),
                                      nn.Linear(C, C, bias=False))
+        self.sem_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)  # the cell's row and column again
         # pixel path
         self.pix_in = nn.Linear(pd, C, bias=False)
         self.pix_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)
@@ -463,6 +495,10 @@ class UMM(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, mot=cfg.mot) for _ in range(cfg.depth)])
         self.norm = RMSNorm(C, cfg.kernels)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        # per-cell attribute heads (training only): semantic tokens, trunk outputs at noisy tokens
+        self.sem_cells = nn.Linear(C, sum(CELL_CLASSES), bias=False)
+        self.gen_cells = nn.Sequential(RMSNorm(C, cfg.kernels),
+                                       nn.Linear(C, sum(CELL_CLASSES), bias=False))
         # flow head, with the optional refiner whose CLS output conditions it
         self.refiner = nn.ModuleList([Block(cfg) for _ in range(cfg.refiner_layers)])
         self.cls = nn.Parameter(torch.randn(C) * 0.02) if cfg.refiner_layers else None
@@ -495,7 +531,9 @@ class UMM(nn.Module):
         x = self.enc_in(patches) + grid(self.enc_pos)  # (B, N, C)
         for blk in self.encoder:
             x = blk(x)  # no mask: bidirectional
-        return self.adapter(self.enc_norm(x))
+        # The trunk places tokens by RoPE in reading order; each semantic token also carries its
+        # row and column, so "directly left of" or "row 2" need not be decoded from that order.
+        return self.adapter(self.enc_norm(x)) + grid(self.sem_pos)
 
     def pixel_tokens(self, patches):  # (B, N, 3 p p) -> (B, N, C)
         return self.pix_in(patches) + grid(self.pix_pos)
@@ -549,7 +587,8 @@ class UMM(nn.Module):
 
     def velocity_patches(self, task, sub, x_t, t, keep_txt, keep_sem, keep_pix):
         """Velocity (B, N, 3 p p) of noisy patches x_t (B, N, 3 p p) at times t (B,), each sample
-        under its own kept conditions (B,) bool: text, semantic source, pixel source."""
+        under its own kept conditions (B,) bool: text, semantic source, pixel source; with the
+        trunk's input and output (B, T, C), which the per-cell attribute losses read."""
         L = self.layouts[task]
         tokens = sub["tokens"].clone()
         tokens[:, L.text] = torch.where(keep_txt[:, None], tokens[:, L.text], PAD)  # dropped: [PAD]
@@ -572,7 +611,7 @@ class UMM(nn.Module):
         # low-dimensional manifold that a narrow model can reach, 192-dim noise does not, and
         # v-prediction left visible noise in every sample.
         x0 = self.to_pixels(self.head_norm(y))  # (B, N, 3 p p)
-        return (x_t - x0) / t.clamp(min=0.05)[:, None, None]
+        return (x_t - x0) / t.clamp(min=0.05)[:, None, None], x, h
 
     # --- training loss
     def draw_noise(self, batch):
@@ -592,15 +631,28 @@ class UMM(nn.Module):
                 noise[task] = (t, eps, u)
         return noise
 
-    def answer_loss(self, sub):  # CE of the answer tokens of a 'vqa' sub-batch, teacher-forced
+    def answer_loss(self, sub):
+        """CE of the answer tokens of a 'vqa' sub-batch, teacher-forced; with the semantic tokens
+        (B, N, C)."""
         L = self.layouts["vqa"]
         x, vis = self.embed("vqa", sub["tokens"], sem=sub["sem"])
         h = self.trunk(x, self.mask("vqa", vis))  # (B, T, C)
         logits = self.text_logits(h[:, L.answer.start - 1:L.answer.stop - 1])  # (B, A, V)
         targets = sub["tokens"][:, L.answer]  # (B, A)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
+        return ce, x[:, L.sem]
 
-    def flow_errors(self, task, sub, noise):  # per-sample flow MSE (B,) of a 't2i' or 'edit' sub
+    def cell_loss(self, head, features, labels):
+        """Mean CE over the three attributes of every cell: head (C -> sum(CELL_CLASSES)) on
+        features (B, N, C) against labels (B, N, 3)."""
+        logits = head(features).float().split(CELL_CLASSES, -1)  # 3 x (B, N, classes)
+        return sum(F.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten())
+                   for i, lg in enumerate(logits)) / len(logits)
+
+    def flow_errors(self, task, sub, noise):
+        """Per-sample flow MSE (B,) of a 't2i' or 'edit' sub-batch; with the semantic source
+        tokens (B, N, C) (edit) and the trunk's outputs at the noisy tokens (B, N, C)."""
+        L = self.layouts[task]
         x0 = patchify(self.check_image(sub["target"]), self.cfg.patch)  # (B, N, 3 p p)
         t, eps, u = noise
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps  # (B, N, 3 p p)
@@ -609,25 +661,40 @@ class UMM(nn.Module):
             keep = [u[i] >= rate for i, rate in enumerate(rates)]
         else:  # all kept, but a source that training always drops stays dropped
             keep = [torch.full((x0.shape[0],), rate < 1, device=x0.device) for rate in rates]
-        v = self.velocity_patches(task, sub, x_t, t, *keep)
-        return (v.float() - (eps - x0)).pow(2).mean((1, 2))
+        v, x, h = self.velocity_patches(task, sub, x_t, t, *keep)
+        return (v.float() - (eps - x0)).pow(2).mean((1, 2)), x[:, L.sem], h[:, L.noisy]
 
     def loss(self, batch, noise=None):
-        """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens; parts are detached
-        and hold 'ce' / 'flow' only when the batch has those tasks, plus 'flow_t<k>' = flow loss
-        with t in [k/4, (k+1)/4) (NaN when no sample's t fell in that bin).
+        """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens, and the per-cell
+        attribute CEs 'sem_cells' (semantic tokens: vqa image, edit source) and 'gen_cells' (trunk
+        outputs at noisy tokens: the target) when their weights are > 0 and the batch has labels;
+        parts are detached and hold a loss only when the batch has its task, plus 'flow_t<k>' =
+        flow loss with t in [k/4, (k+1)/4) (NaN when no sample's t fell in that bin).
         noise: from draw_noise(batch), drawn here if not given."""
         cfg = self.cfg
         parts = {}
         total = 0.0
         noise = self.draw_noise(batch) if noise is None else noise
+        sem, gen = [], []  # (features, labels) of the images the attribute heads read
         if "vqa" in batch:
-            ce = self.answer_loss(batch["vqa"])
+            sub = batch["vqa"]
+            ce, sem_tokens = self.answer_loss(sub)
             total = total + cfg.ce_weight * ce
             parts["ce"] = ce.detach()
+            if "sem_cells" in sub:
+                sem.append((sem_tokens, sub["sem_cells"]))
         tasks = [task for task in ("t2i", "edit") if task in batch]
         if tasks:
-            err = torch.cat([self.flow_errors(task, batch[task], noise[task]) for task in tasks])
+            errs = []
+            for task in tasks:
+                sub = batch[task]
+                err, sem_tokens, noisy_out = self.flow_errors(task, sub, noise[task])
+                errs.append(err)
+                if "source_cells" in sub:
+                    sem.append((sem_tokens, sub["source_cells"]))
+                if "target_cells" in sub:
+                    gen.append((noisy_out, sub["target_cells"]))
+            err = torch.cat(errs)
             t = torch.cat([noise[task][0] for task in tasks])  # (B_gen,)
             flow = err.mean()
             total = total + cfg.flow_weight * flow
@@ -638,6 +705,13 @@ class UMM(nn.Module):
             per_bin = (err.detach() @ bins) / bins.sum(0)  # (4,)
             for k in range(4):
                 parts[f"flow_t{k}"] = per_bin[k]
+        for name, weight, head, pairs in (("sem_cells", cfg.sem_cell_weight, self.sem_cells, sem),
+                                          ("gen_cells", cfg.gen_cell_weight, self.gen_cells, gen)):
+            if weight > 0 and pairs:
+                cells = self.cell_loss(head, torch.cat([f for f, _ in pairs]),
+                                       torch.cat([y for _, y in pairs]))
+                total = total + weight * cells
+                parts[name] = cells.detach()
         return total, parts
 
     def forward(self, batch, noise=None):  # DDP and torch.compile wrap forward: the training loss
@@ -655,7 +729,8 @@ class UMM(nn.Module):
         keep = [torch.full((B,), bool(on), device=x_t.device)
                 for on in (with_text, with_image, with_pixels)]
         patches = patchify(self.check_image(x_t), self.cfg.patch)
-        return unpatchify(self.velocity_patches(task, sub, patches, t, *keep), self.cfg.patch)
+        v = self.velocity_patches(task, sub, patches, t, *keep)[0]
+        return unpatchify(v, self.cfg.patch)
 
     def guided_velocity(self, task, sub, x_t, t, txt_scale=1.0, img_scale=1.0):
         """t2i: v_u + w (v_c - v_u), w = txt_scale. edit (Ovis-U1's dual guidance):
@@ -741,6 +816,8 @@ class UMM(nn.Module):
                             + weights(self.pix_in) * n_pix
                             + weights(self.src_pix, self.src_sem) * (n_sem > 0) * n_gen
                             + weights(self.lm_head) * n_answer
+                            + weights(self.sem_cells) * n_sem * (cfg.sem_cell_weight > 0)
+                            + weights(self.gen_cells) * n_gen * (cfg.gen_cell_weight > 0)
                             + weights(self.refiner) * P
                             + (weights(self.head, self.to_pixels) - ada) * n_gen
                             + (ada + weights(self.t_mlp)) * (n_gen > 0))

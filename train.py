@@ -41,6 +41,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.nn.parallel import DistributedDataParallel as DDP
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import kernels
@@ -82,6 +83,8 @@ class TrainConfig:
     mot: bool = False  # BAGEL's mixture-of-transformers (model.py)
     refiner_layers: int = 0  # Ovis-U1's refiner blocks (model.py)
     src_pixel_dropout: float = -1.0  # how often training drops an edit's clean pixel source
+    sem_cell_weight: float = -1.0  # the per-cell attribute losses' weights (model.py); -1: the
+    gen_cell_weight: float = -1.0  # recipe's, 0: off
     kernels: bool = False  # the fused Triton ops of kernels.py (on CUDA)
     flex: bool = True  # FlexAttention block masks on CUDA; 0: SDPA with a dense mask
     # speed
@@ -117,6 +120,8 @@ VALID = {
     "width": (lambda v: v == 0 or v >= 32, "0 (the preset's) or >= 32"),  # depth = width // 32
     "refiner_layers": at_least(0),
     "src_pixel_dropout": (lambda v: v == -1 or 0 <= v <= 1, "-1 (the recipe's) or in [0, 1]"),
+    "sem_cell_weight": (lambda v: v == -1 or v >= 0, "-1 (the recipe's) or >= 0"),
+    "gen_cell_weight": (lambda v: v == -1 or v >= 0, "-1 (the recipe's) or >= 0"),
     "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
     "bench": at_least(0),
     "log_every": at_least(0, " (0: a line at checkpoints only)"),
@@ -177,8 +182,9 @@ PRESETS = {  # what --preset sets; explicit --key=value overrides win
 # A recipe is a few lines of data and weights. Stages split max_steps by their fractions.
 RECIPES = {
     "pretrain": dict(stages=[(1.0, "vqa:2,t2i:1,edit:1")], init=False),  # answers need most steps
-    "uniedit": dict(stages=[(1.0, "uniedit:1")], init=True,
-                    model=dict(ce_weight=0.0, src_pixel_dropout=1.0)),
+    "uniedit": dict(stages=[(1.0, "uniedit:1")], init=True,  # the flow loss alone
+                    model=dict(ce_weight=0.0, src_pixel_dropout=1.0, sem_cell_weight=0.0,
+                               gen_cell_weight=0.0)),
     "simple_edit": dict(stages=[(1.0, "edit:1")], init=True),
     "mixed": dict(stages=[(1.0, "vqa:2,t2i:1,edit:1")], init=True),
     "staged": dict(stages=[(0.3, "vqa:1"), (0.3, "t2i:1,edit:1"), (0.4, "vqa:1,t2i:1,edit:1")],
@@ -247,15 +253,16 @@ def help_text():
 
 def model_config(cfg, vocab_size):
     """The preset's model, then the recipe's loss weights and dropouts, then explicit keys."""
-    mc = UMMConfig.preset(cfg.preset, vocab_size=vocab_size,
-                          image_size=synth.get_world(cfg.world).size,
-                          **RECIPES[cfg.recipe].get("model", {}))
+    world = synth.get_world(cfg.world)
+    mc = UMMConfig.preset(cfg.preset, vocab_size=vocab_size, image_size=world.size,
+                          cells=world.grid, **RECIPES[cfg.recipe].get("model", {}))
     overrides = dict(mot=cfg.mot, refiner_layers=cfg.refiner_layers, kernels=cfg.kernels,
                      flex=cfg.flex)
     if cfg.width:
         overrides.update(width=cfg.width, depth=0, heads=0)
-    if cfg.src_pixel_dropout >= 0:
-        overrides["src_pixel_dropout"] = cfg.src_pixel_dropout
+    for key in ("src_pixel_dropout", "sem_cell_weight", "gen_cell_weight"):
+        if getattr(cfg, key) >= 0:
+            overrides[key] = getattr(cfg, key)
     return dataclasses.replace(mc, **overrides)
 
 
@@ -697,7 +704,8 @@ def run_header(run_dir, cfg, model, plan, device, use_compile, start, peak):
             f"MFU against {peak / 1e12:.4g} TFLOP/s{measured}")
 
 
-LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3")  # flow_tk: t in [k/4, (k+1)/4)
+LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3",  # flow_tk: t in [k/4, (k+1)/4)
+          "sem_cells", "gen_cells")
 
 
 class TrainLog:
@@ -751,6 +759,7 @@ class TrainLog:
             file.flush()
         mfu = kernels.mfu_text(speed["mfu"], bool(self.cfg.peak_tflops))
         tqdm.write(f"step {rec['step']:6d} | ce {fmt(rec, 'ce')} | flow {fmt(rec, 'flow')} | "
+                   f"cells {fmt(rec, 'sem_cells')}/{fmt(rec, 'gen_cells')} | "
                    f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.2f} | "
                    f"{speed['ms_per_step']:.0f} ms | {speed['tokens_per_s']:,.0f} tok/s | "
                    f"{speed['images_per_s']:,.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min")
@@ -773,6 +782,52 @@ class TrainLog:
 
 def fmt(rec, key):  # a logged loss, or "-" where the step had none (a stage without that task)
     return f"{rec[key]:.4f}" if key in rec else "-"
+
+
+CURVES = (("training losses (log scale)", True, ("ce", "flow", "sem_cells", "gen_cells")),
+          ("val scores (small sets, EMA)", False,
+           ("val_vqa_acc", "val_shapeeval", "val_edit_success", "val_uniedit_success")))
+COLORS = ((230, 80, 80), (80, 160, 240), (90, 200, 110), (240, 190, 60))
+
+
+def draw_curves(run_dir):
+    """run_dir/curves.png from its log.jsonl: the losses and the val scores of the evals during
+    training against the step, one panel each, drawn with PIL (no plotting library needed)."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    W, H, M = 420, 260, 44  # panel size and margin, px
+    font = ImageFont.load_default()
+    sheet = Image.new("RGB", (len(CURVES) * W, H), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
+    last = max(r["step"] for r in lines)
+    for p, (title, log_y, keys) in enumerate(CURVES):
+        series = {k: [(r["step"], r[k]) for r in lines if r.get(k) is not None
+                      and (not log_y or r[k] > 0)] for k in keys}
+        values = [v for pts in series.values() for _, v in pts]
+        if not values:
+            continue
+        y_of = math.log10 if log_y else float
+        lo, hi = (math.floor(y_of(min(values))), math.ceil(y_of(max(values)))) if log_y else (0, 1)
+        hi = max(hi, lo + 1)
+        x0, x1, y0, y1 = p * W + M, (p + 1) * W - 10, H - M + 10, 24
+        px = lambda step: x0 + (x1 - x0) * step / last
+        py = lambda v: y0 - (y0 - y1) * (y_of(v) - lo) / (hi - lo)
+        pen.text((x0, 6), title, fill=(0, 0, 0), font=font)
+        pen.rectangle([x0, y1, x1, y0], outline=(160, 160, 160))
+        ticks = [10.0 ** e for e in range(lo, hi + 1)] if log_y else [0, 0.25, 0.5, 0.75, 1]
+        for v in ticks:
+            pen.line([x0, py(v), x1, py(v)], fill=(230, 230, 230))
+            pen.text((p * W + 4, py(v) - 6), f"{v:g}", fill=(0, 0, 0), font=font)
+        pen.text((x0, y0 + 4), "0", fill=(0, 0, 0), font=font)
+        pen.text((x1 - 40, y0 + 4), f"step {last}", fill=(0, 0, 0), font=font)
+        for j, (k, pts) in enumerate(series.items()):
+            color = COLORS[j % len(COLORS)]
+            if len(pts) > 1:
+                pen.line([(px(s), py(v)) for s, v in pts], fill=color, width=2)
+            for s, v in pts[-1:] if len(pts) > 1 else pts:
+                pen.ellipse([px(s) - 2, py(v) - 2, px(s) + 2, py(v) + 2], fill=color)
+            pen.text((x0 + 92 * j, y0 + 18), k.removeprefix("val_"), fill=color, font=font)
+    save_atomic(os.path.join(run_dir, "curves.png"), lambda f: sheet.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- training
@@ -890,6 +945,8 @@ def train(cfg, after_step=None):
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             scores = evaluate_run(cfg, model, ema, tok, run_dir, done, device, rank, world_size)
             log.write_eval(done, scores)
+            if master:
+                draw_curves(run_dir)
         if saves_at(cfg, done):
             if master:
                 save_checkpoint(run_dir, done, model, ema, opt, run_meta(cfg, mcfg), tok, cfg.keep)

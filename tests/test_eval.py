@@ -439,3 +439,72 @@ def test_compare_refuses_missing_stale_or_truncated_results_naming_the_file(tmp_
                                                          "base")
     os.remove(val)
     assert f"{val} is missing" in one_line_error("--compare", str(tmp_path), "--rows", "base")
+
+
+def test_cell_errors_sort_each_wrong_cell_into_one_kind():
+    red_sq, blue_sq = ("square", "red", "large"), ("square", "blue", "large")
+    small_circle = ("circle", "red", "small")
+    wanted = {(0, 0): red_sq, (0, 1): small_circle, (1, 1): blue_sq, (2, 2): red_sq}
+    got = {(0, 0): red_sq,                        # right
+           (0, 1): ("circle", "red", "large"),    # wrong size
+           (1, 1): ("circle", "blue", "large"),   # wrong shape (the first attribute that differs)
+           (3, 3): red_sq,                        # the (2, 2) object one cell off: one error, not two
+           (3, 0): blue_sq,                       # extra
+           (1, 0): ev.MALFORMED}                  # unreadable
+    assert ev.cell_errors(got, wanted) == {"malformed": 1, "wrong shape": 1, "wrong color": 0,
+                                           "wrong size": 1, "wrong cell": 1, "missing": 0,
+                                           "extra": 1}
+    # an object drawn elsewhere while another of its kind is missing is still one move; the rest
+    # of what is missing counts as missing
+    assert ev.cell_errors({(3, 3): blue_sq}, {(0, 0): red_sq, (1, 1): blue_sq}) == \
+        {"malformed": 0, "wrong shape": 0, "wrong color": 0, "wrong size": 0, "wrong cell": 1,
+         "missing": 1, "extra": 0}
+    assert sum(ev.cell_errors(wanted, wanted).values()) == 0
+
+
+def test_edit_records_carry_cell_errors_and_summarize_averages_them_per_image():
+    s = find("edit", lambda s: s["family"] == "recolor")
+    src, tgt = cell_map_of(s["scene"]), cell_map_of(s["target_scene"])
+    changed = [c for c in tgt if src.get(c) != tgt[c]]
+    recs = edit_recs("simple", [(s["image"], s), (s["target"], s)])  # unedited, then right
+    assert recs[0]["errors"]["wrong color"] == len(changed) and sum(recs[1]["errors"].values()) == 0
+    per_image = ev.summarize(recs, {})["cell_errors"]["simple"]
+    assert per_image["wrong color"] == len(changed) / 2
+
+
+def cell_map_of(scene):
+    return {(o[3], o[4]): tuple(o[:3]) for o in scene}
+
+
+class LinearTokens:
+    """A stand-in model whose semantic tokens are given: one-hot attribute codes (readable by a
+    linear probe), or noise (not)."""
+
+    def __init__(self, readable):
+        import model as M
+        self.cfg = M.UMMConfig.preset("tiny", vocab_size=1)
+        self.readable = readable
+
+    def semantic_tokens(self, x):
+        import torch
+        labels = torch.stack([synth_labels(im) for im in x])  # (B, 16, 3)
+        if not self.readable:
+            return torch.randn(len(x), 16, 32)
+        return torch.cat([torch.nn.functional.one_hot(labels[..., i], k).float()
+                          for i, k in enumerate((6, 9, 3))], -1)
+
+
+def synth_labels(image):
+    """A cell's labels read back from pixels by the judge (the stand-in's perfect perception)."""
+    import model as M
+    import torch
+    arr = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    return M.cell_labels(synth.parse(arr, W).to_json(), M.UMMConfig.preset("tiny", vocab_size=1))
+
+
+def test_linear_probe_reads_linear_codes_and_not_noise():
+    good = ev.linear_probe(LinearTokens(True), W, n_train=60, n_test=30)
+    assert good == {"shape": 1.0, "color": 1.0, "size": 1.0}
+    bad = ev.linear_probe(LinearTokens(False), W, n_train=60, n_test=30)
+    assert max(bad.values()) < 0.75  # random tokens: about chance per attribute (1/5, 1/8, 1/2)
+    assert bad["color"] < 0.4

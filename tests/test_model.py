@@ -254,3 +254,50 @@ def test_the_scripts_import_each_other_without_a_circle():
         ready = [s for s in scripts if s not in order and top[s] <= set(order)]
         assert ready, f"import circle among {sorted(set(scripts) - set(order))}"
         order += ready
+
+
+def test_cell_labels_name_each_patch_cells_shape_color_and_size():
+    scene = [["square", "red", "small", 0, 1], ["cross", "white", "large", 3, 3]]
+    # hand-written classes: 0 is empty, then the world's order of values
+    square, cross = 1 + synth.World.shapes.index("square"), 1 + synth.World.shapes.index("cross")
+    red, white = 1 + synth.World.colors.index("red"), 1 + synth.World.colors.index("white")
+    small, large = 1 + synth.get_world("tiny").sizes.index("small"), 1 + synth.get_world("tiny").sizes.index("large")
+    one_patch = M.cell_labels(scene, UMMConfig.preset("tiny", vocab_size=1))  # 4 x 4 patches, one per cell
+    assert one_patch.shape == (16, 3)
+    assert one_patch[1].tolist() == [square, red, small]  # row 0, column 1
+    assert one_patch[15].tolist() == [cross, white, large]
+    assert one_patch[[0, 2, 4, 14]].eq(0).all()  # empty cells are class 0 in all three attributes
+    four_patches = M.cell_labels(scene, UMMConfig.preset("small", vocab_size=1))  # 8 x 8 patches, 2 x 2 per cell
+    grid = four_patches.reshape(8, 8, 3)
+    assert grid[0:2, 2:4].reshape(4, 3).tolist() == [[square, red, small]] * 4
+    assert grid[6:8, 6:8].reshape(4, 3).tolist() == [[cross, white, large]] * 4
+    assert int((four_patches[:, 0] > 0).sum()) == 8
+
+
+def test_the_cell_losses_are_on_by_weight_and_reach_only_their_paths():
+    torch.manual_seed(0)
+    batch = collate(samples("vqa", 2) + samples("t2i", 2) + samples("edit", 2), UMMConfig.preset("tiny", vocab_size=TOK.get_vocab_size()), TOK)
+    assert batch["vqa"]["sem_cells"].shape == (2, 16, 3) and batch["t2i"]["target_cells"].shape == (2, 16, 3)
+    assert set(batch["edit"]) >= {"source_cells", "target_cells"} and "target_cells" not in batch["vqa"]
+    model = tiny()
+    noise = model.draw_noise(batch)
+    total, parts = model.loss(batch, noise)
+    assert {"sem_cells", "gen_cells"} <= set(parts)
+    # each is a mean cross-entropy over 3 attributes: at initialisation near the mean log of the class counts
+    chance = sum(torch.log(torch.tensor(float(k))) for k in M.CELL_CLASSES) / 3
+    assert abs(parts["sem_cells"] - chance) < 0.3 and abs(parts["gen_cells"] - chance) < 0.3
+    off = tiny(sem_cell_weight=0.0, gen_cell_weight=0.0)
+    off.load_state_dict(model.state_dict())
+    total_off, parts_off = off.loss(batch, noise)
+    assert "sem_cells" not in parts_off and "gen_cells" not in parts_off
+    torch.testing.assert_close(total, total_off + parts["sem_cells"] + parts["gen_cells"])
+    # the generation head's loss trains the trunk, not the semantic encoder; the semantic one the encoder
+    reached = lambda p: p.grad is not None and bool(p.grad.any())
+    only_gen = tiny(sem_cell_weight=0.0, ce_weight=0.0, flow_weight=0.0)
+    only_gen.loss(batch, noise)[0].backward()
+    assert all(reached(p) for p in only_gen.blocks.parameters()) and reached(only_gen.pix_in.weight)
+    assert not reached(only_gen.sem_cells.weight) and not reached(only_gen.lm_head.weight)
+    only_sem = tiny(gen_cell_weight=0.0, ce_weight=0.0, flow_weight=0.0)
+    only_sem.loss(batch, noise)[0].backward()
+    assert reached(only_sem.enc_in.weight) and reached(only_sem.sem_pos)
+    assert not any(reached(p) for p in list(only_sem.blocks.parameters()) + list(only_sem.gen_cells.parameters()))

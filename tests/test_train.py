@@ -301,6 +301,8 @@ def test_recipes_init_from_and_flow_only_uniedit(tmp_path):
         recs = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
         assert all(r["flow"] > 0 for r in recs)
         assert ("ce" in recs[0]) == (recipe == "mixed")  # uniedit and simple edits train the flow head alone
+        # Uni-Edit's loss is the flow loss alone; the other recipes keep the per-cell attribute losses
+        assert ("sem_cells" in recs[0] and "gen_cells" in recs[0]) == (recipe != "uniedit")
     with pytest.raises(ValueError, match="pass --init_from"):
         run(tmp_path, "--name=x", "--recipe=uniedit")
     # --init_from loads the EMA weights: a run with lr 0 keeps them
@@ -487,3 +489,8 @@ def test_eval_during_training_writes_grid_table_and_log_line(tmp_path):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         rec = json.loads(f.readlines()[-1])
     assert rec["step"] == 2 and 0 <= rec["val_vqa_acc"] <= 1 and 0 <= rec["val_shapeeval"] <= 1
+    # the learning curves: one panel of losses, one of val scores, each series in its own colour
+    curves = np.array(Image.open(os.path.join(run_dir, "curves.png")).convert("RGB"))
+    assert curves.shape == (260, 420 * len(train.CURVES), 3)
+    for color in train.COLORS:
+        assert (curves == color).all(-1).any()  # every series' legend (and line) is drawn
