@@ -13,7 +13,7 @@ Semantic tokens come from a small bidirectional ViT over the clean image plus a 
 adapter; pixel tokens are linear patch embeddings plus a 2-D position embedding (noisy ones also
 get the timestep embedding). Attention: causal, bidirectional within an image, and only an
 image's own tokens attend to a noisy image; [PAD] and dropped conditions are invisible keys.
-Flow matching: x_t = (1 - t) x_0 + t eps, v = eps - x_0, t = sigmoid(N(0, 1)) in training, MSE on
+Flow matching: x_t = (1 - t) x_0 + t eps, v = eps - x_0, t = sigmoid(N(t_mean, 1)) in training, MSE on
 v; the flow head predicts x_0 and v = (x_t - x_0) / t follows (x-prediction, as JiT); Euler from
 t = 1 to 0 with the shift t' = s t / (1 + (s - 1) t).
 
@@ -93,6 +93,7 @@ class UMMConfig:
     # (sem_cells) and from the trunk's outputs at the noisy image it generates (gen_cells).
     sem_cell_weight: float = 1.0
     gen_cell_weight: float = 1.0
+    t_mean: float = 0.0  # training times t = sigmoid(N(t_mean, 1)); > 0 puts more of them near noise
     # Training drops each condition independently, so that guidance has all its terms.
     txt_dropout: float = 0.1
     src_dropout: float = 0.1  # the semantic source tokens
@@ -625,7 +626,7 @@ class UMM(nn.Module):
             if task in batch:
                 target = batch[task]["target"]
                 B = target.shape[0]
-                t = torch.sigmoid(torch.randn(B, device=target.device))
+                t = torch.sigmoid(torch.randn(B, device=target.device) + self.cfg.t_mean)
                 eps = torch.randn(B, self.n, 3 * self.cfg.patch ** 2, device=target.device)
                 u = torch.rand(3, B, device=target.device)
                 noise[task] = (t, eps, u)

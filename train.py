@@ -83,8 +83,7 @@ class TrainConfig:
     mot: bool = False  # BAGEL's mixture-of-transformers (model.py)
     refiner_layers: int = 0  # Ovis-U1's refiner blocks (model.py)
     src_pixel_dropout: float = -1.0  # how often training drops an edit's clean pixel source
-    sem_cell_weight: float = -1.0  # the per-cell attribute losses' weights (model.py); -1: the
-    gen_cell_weight: float = -1.0  # recipe's, 0: off
+    model: str = ""  # any other UMMConfig keys, "key=value,key=value" (ablations), e.g. "depth=6"
     kernels: bool = False  # the fused Triton ops of kernels.py (on CUDA)
     flex: bool = True  # FlexAttention block masks on CUDA; 0: SDPA with a dense mask
     # speed
@@ -120,8 +119,6 @@ VALID = {
     "width": (lambda v: v == 0 or v >= 32, "0 (the preset's) or >= 32"),  # depth = width // 32
     "refiner_layers": at_least(0),
     "src_pixel_dropout": (lambda v: v == -1 or 0 <= v <= 1, "-1 (the recipe's) or in [0, 1]"),
-    "sem_cell_weight": (lambda v: v == -1 or v >= 0, "-1 (the recipe's) or >= 0"),
-    "gen_cell_weight": (lambda v: v == -1 or v >= 0, "-1 (the recipe's) or >= 0"),
     "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
     "bench": at_least(0),
     "log_every": at_least(0, " (0: a line at checkpoints only)"),
@@ -147,6 +144,7 @@ def check_config(cfg):
                          f"(the cosine decays from lr to min_lr)")
     if cfg.mix:
         parse_mix(cfg.mix)
+    parse_model_keys(cfg.model)
     check_device(cfg.device)
 
 
@@ -260,10 +258,22 @@ def model_config(cfg, vocab_size):
                      flex=cfg.flex)
     if cfg.width:
         overrides.update(width=cfg.width, depth=0, heads=0)
-    for key in ("src_pixel_dropout", "sem_cell_weight", "gen_cell_weight"):
-        if getattr(cfg, key) >= 0:
-            overrides[key] = getattr(cfg, key)
-    return dataclasses.replace(mc, **overrides)
+    if cfg.src_pixel_dropout >= 0:
+        overrides["src_pixel_dropout"] = cfg.src_pixel_dropout
+    return dataclasses.replace(mc, **{**overrides, **parse_model_keys(cfg.model)})  # --model wins
+
+
+def parse_model_keys(text):
+    """--model="key=value,..." -> {UMMConfig key: typed value}; unknown keys and values refused."""
+    fields = {f.name: f.type for f in dataclasses.fields(UMMConfig)}
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in fields:
+            raise ValueError(f"--model names unknown UMMConfig key {key!r}; valid keys: "
+                             f"{', '.join(fields)}")
+        out[key] = convert(key, value, fields[key])
+    return out
 
 
 # ----------------------------------------------------------------------------- data

@@ -102,11 +102,20 @@ def test_every_numeric_key_has_a_range_and_the_edges_and_zeros_pass():
     (dict(device="nope"), "--device=nope is not a device: use cpu, cuda or cuda:N"),
     (dict(device="meta"), "--device=meta: train.py runs on cpu or cuda"),
     (dict(device="cuda:99"), r"--device=cuda:99, but this machine has \d+ CUDA GPU\(s\)"),
+    (dict(model="depth=6,dpth=2"), "--model names unknown UMMConfig key 'dpth'; valid keys: width,"),
+    (dict(model="t_mean=high"), "--t_mean='high' is not a valid float"),
 ], ids=["min_lr>lr", "negative mix weight", "mix weight not a number", "no such device", "meta",
-        "cuda:99"])
+        "cuda:99", "unknown model key", "model value of the wrong type"])
 def test_other_bad_keys_are_refused_before_anything_runs(overrides, error):
     with pytest.raises(ValueError, match=error):
         train.check_config(train.TrainConfig(**overrides))
+
+
+def test_model_keys_reach_the_model_config_typed_and_win_over_the_recipe():
+    cfg = train.parse_args(["--recipe=uniedit", "--model=depth=6,t_mean=0.5,gen_cell_weight=2,mot=1"])
+    mc = train.model_config(cfg, vocab_size=50)
+    assert (mc.depth, mc.t_mean, mc.gen_cell_weight, mc.mot) == (6, 0.5, 2.0, True)
+    assert (mc.ce_weight, mc.sem_cell_weight) == (0.0, 0.0)  # the recipe's, where no key overrides them
 
 
 def test_nan_loss_stops_the_run_with_one_line_and_no_traceback(tmp_path, monkeypatch):
