@@ -94,6 +94,7 @@ class UMMConfig:
     sem_cell_weight: float = 1.0
     gen_cell_weight: float = 1.0
     t_mean: float = 0.0  # training times t = sigmoid(N(t_mean, 1)); > 0 puts more of them near noise
+    t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
     # Training drops each condition independently, so that guidance has all its terms.
     txt_dropout: float = 0.1
     src_dropout: float = 0.1  # the semantic source tokens
@@ -617,10 +618,10 @@ class UMM(nn.Module):
     # --- training loss
     def draw_noise(self, batch):
         """The flow loss's randomness, {generation task: (t (B,), eps (B, N, 3 p p), u (3, B))}:
-        logit-normal times, Gaussian noise, and uniforms for the three condition dropouts. Training
-        draws it outside the compiled loss: inside its graph a compiler may reorder the draws
-        (Inductor did, in torch 2.11), and from outside the same seed gives the same noise whether
-        the loss is compiled or not."""
+        logit-normal times (t = 1 for a t_noise share), Gaussian noise, and uniforms for the three
+        condition dropouts. Training draws it outside the compiled loss: inside its graph a compiler
+        may reorder the draws (Inductor did, in torch 2.11), and from outside the same seed gives
+        the same noise whether the loss is compiled or not."""
         noise = {}
         for task in ("t2i", "edit"):
             if task in batch:
@@ -628,8 +629,9 @@ class UMM(nn.Module):
                 B = target.shape[0]
                 t = torch.sigmoid(torch.randn(B, device=target.device) + self.cfg.t_mean)
                 eps = torch.randn(B, self.n, 3 * self.cfg.patch ** 2, device=target.device)
-                u = torch.rand(3, B, device=target.device)
-                noise[task] = (t, eps, u)
+                u = torch.rand(4, B, device=target.device)  # 3 condition dropouts, then t_noise
+                t = torch.where(u[3] < self.cfg.t_noise, 1.0, t)
+                noise[task] = (t, eps, u[:3])
         return noise
 
     def answer_loss(self, sub):
