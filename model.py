@@ -95,6 +95,7 @@ class UMMConfig:
     gen_cell_weight: float = 1.0
     t_mean: float = 0.0  # training times t = sigmoid(N(t_mean, 1)); > 0 puts more of them near noise
     t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
+    x_loss: bool = False  # the flow MSE on x_0 (= the v-loss times t^2) instead of on v
     # Training drops each condition independently, so that guidance has all its terms.
     txt_dropout: float = 0.1
     src_dropout: float = 0.1  # the semantic source tokens
@@ -665,7 +666,11 @@ class UMM(nn.Module):
         else:  # all kept, but a source that training always drops stays dropped
             keep = [torch.full((x0.shape[0],), rate < 1, device=x0.device) for rate in rates]
         v, x, h = self.velocity_patches(task, sub, x_t, t, *keep)
-        return (v.float() - (eps - x0)).pow(2).mean((1, 2)), x[:, L.sem], h[:, L.noisy]
+        # The v-loss weighs the x_0 error by 1 / t^2: nearly clean samples dominate it, while the
+        # text decides the image near t = 1. x_loss weighs every t alike.
+        weight = t.clamp(min=0.05)[:, None, None] ** 2 if self.cfg.x_loss else 1.0
+        err = (weight * (v.float() - (eps - x0)).pow(2)).mean((1, 2))
+        return err, x[:, L.sem], h[:, L.noisy]
 
     def loss(self, batch, noise=None):
         """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens, and the per-cell
