@@ -22,8 +22,8 @@ and uniedit share the edit layout), each present only if the samples hold that t
 tasks is one batch:
     tokens (B, T) long: text ids with BOS/BOI/EOI/SEP/EOS placed, [PAD] at image positions
     images (B, 3, S, S) float in [-1, 1]: sem (vqa), source and target (edit), target (t2i)
-    <image>_cells (B, N, 3) long: each image's per-cell attribute labels (cell_labels), when the
-        samples carry their scenes
+    <image>_cells (B, N, 3) long: each image's per-cell attribute labels (cell_labels), when all
+        the group's samples carry their scenes
     rows (B,): the samples' indices in the list given to collate
 
 API: UMMConfig.preset(name, **overrides); UMM(cfg); collate(samples, cfg, tokenizer) -> batch;
@@ -249,7 +249,8 @@ def collate(samples, cfg, tokenizer):
             if image in item and sample.get(scene) is not None:
                 item[f"{image}_cells"] = cell_labels(sample[scene], cfg)
         groups.setdefault(task, []).append(item)
-    return {task: {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return {task: {k: torch.stack([it[k] for it in items]) for k in items[0]
+                   if all(k in it for it in items)}  # labels only if every sample has them
             for task, items in groups.items()}
 
 

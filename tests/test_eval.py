@@ -73,7 +73,8 @@ def test_edit_judge_target_source_blank_and_clutter():
     stay = W.grid ** 2 - 1  # every cell but the recolored one, the empty ones too
     assert ev.judge_edit(s["target"], s, W) == {
         "success": True, "following": 1.0, "preservation": 1.0, "overall": 1.0, "pixel_l1": 0.0,
-        "should_change": 1, "followed": 1, "should_stay": stay, "kept": stay}
+        "should_change": 1, "followed": 1, "should_stay": stay, "kept": stay,
+        "errors": dict.fromkeys(ev.ERRORS, 0)}
     src = ev.judge_edit(s["image"], s, W)  # the source unchanged: a real edit left undone
     assert (src["success"], src["following"], src["preservation"]) == (False, 0.0, 1.0)
     assert src["overall"] == 0.0
@@ -271,7 +272,7 @@ def test_evaluate_is_deterministic_returns_every_key_and_ignores_batching(ckpt, 
     assert a == ev.evaluate(model, tok, world, progress=False, picture=str(tmp_path / "p.png"),
                             **SMALL)
     assert set(a) == {"counts", "metrics", "understanding", "generation", "editing", "consistency",
-                      "items", "sampling", "chance"}
+                      "cell_errors", "items", "sampling", "chance"}
     assert set(a["metrics"]) == set(ev.METRICS) and set(a["chance"]) == set(ev.BASELINES)
     assert set(a["generation"]["by_category"]) == set(ev.GENEVAL)
     assert a["counts"]["t2i_prompts"] == 7 and len(a["items"]["simple"]["index"]) == 4
