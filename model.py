@@ -93,7 +93,7 @@ class UMMConfig:
     # (sem_cells) and from the trunk's outputs at the noisy image it generates (gen_cells).
     sem_cell_weight: float = 1.0
     gen_cell_weight: float = 1.0
-    t_mean: float = 0.0  # training times t = sigmoid(N(t_mean, 1)); > 0 puts more of them near noise
+    t_mean: float = 1.0  # training times t = sigmoid(N(t_mean, 1)); > 0 puts more of them near noise
     t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
     x_loss: bool = False  # the flow MSE on x_0 (= the v-loss times t^2) instead of on v
     # Training drops each condition independently, so that guidance has all its terms.
