@@ -503,3 +503,20 @@ def test_eval_during_training_writes_grid_table_and_log_line(tmp_path):
     assert curves.shape == (260, 420 * len(train.CURVES), 3)
     for color in train.COLORS:
         assert (curves == color).all(-1).any()  # every series' legend (and line) is drawn
+
+
+def test_a_short_tiny_run_answers_color_questions_better_than_the_blind_chance_row(tmp_path):
+    """A few hundred steps of the tiny world's VQA, from scratch: the model answers "what color is
+    ..." questions far better than the blind chance row (the majority train answer to the same
+    text), so it reads the image. Its bootstrap interval lies above the blind row's value."""
+    run_dir = run(tmp_path, "--width=128", "--mix=vqa:1", "--batch_size=32", "--micro_batch=32", "--max_steps=800",
+                  "--warmup=20", "--lr=1e-3", "--log_every=0", "--save_every=0")
+    model, tok, world, _, _ = ev.load(run_dir)
+    questions = [s for s in (synth.make_sample(world, "vqa", "val", i) for i in range(1500))
+                 if s["family"] == "query_color"][:120]
+    said = ev.answer(model, tok, questions)
+    right = np.array([a == q["answer"] for a, q in zip(said, questions)], float)
+    blind = np.mean([ev.blind_answer(q, world) == q["answer"] for q in questions])
+    lo = np.percentile(right[np.random.default_rng(0).integers(0, len(right), (1000, len(right)))]
+                       .mean(1), 2.5)
+    assert lo > blind, (right.mean(), blind)
