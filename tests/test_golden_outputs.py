@@ -7,7 +7,6 @@ the samples themselves, on outputs where plausible wrong formulas give other num
 runs with a stand-in for the model calls, so each file it writes can be checked for what it
 holds: round r edits round r - 1's output, n images of one prompt differ, the answer printed is
 the model's."""
-import math
 import os
 
 import numpy as np
@@ -236,7 +235,8 @@ def test_the_answer_printed_is_the_models_about_the_given_image(stand_in, tmp_pa
     truth = synth.make_sample(W, "vqa", "val", 3)
     assert truth["answer"] != "magenta" and not np.array_equal(truth["image"], read(png))
     run(tmp_path, "--from_synth", "vqa:val:3")
-    assert capsys.readouterr().out == f"Q: {truth['text']}\nA: magenta   (truth: {truth['answer']})\n"
+    said = capsys.readouterr().out
+    assert said == f"Q: {truth['text']}\nA: magenta   (truth: {truth['answer']})\n"
     assert np.array_equal(stand_in["answer"][1][0]["image"], truth["image"])
     run(tmp_path, "--from_synth", "vqa:val:3", "--image", png)
     assert stand_in["answer"][2][0]["text"] == truth["text"]

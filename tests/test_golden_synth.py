@@ -323,7 +323,8 @@ def test_simple_edit_targets_are_what_the_instruction_words_say():
         s = synth.make_sample(W, "edit", "train", i)
         fams.add(s["family"])
         objs = [Obj(*o) for o in s["scene"]]
-        assert scene(follow(s["text"], objs)) == scene(Obj(*o) for o in s["target_scene"]), s["text"]
+        target = scene(Obj(*o) for o in s["target_scene"])
+        assert scene(follow(s["text"], objs)) == target, s["text"]
     assert fams == set(synth.EDIT_FAMILIES)
 
 
@@ -391,11 +392,13 @@ def test_every_geneval_clause_kind_on_hand_made_scenes():
     colors = {"include": [include("circle", color="red")], "exclude": []}
     assert holds(colors, [o("circle", "red", "large", 1, 1)])
     # the most salient circle (the large one) is blue, though a small red one is there too
-    assert not holds(colors, [o("circle", "red", "small", 0, 0), o("circle", "blue", "large", 3, 3)])
+    assert not holds(colors, [o("circle", "red", "small", 0, 0),
+                              o("circle", "blue", "large", 3, 3)])
     position = {"include": [include("square"), include("circle", position=["left of", 0])],
                 "exclude": []}
     assert holds(position, [o("circle", "red", "large", 1, 0), o("square", "red", "large", 1, 2)])
-    assert not holds(position, [o("circle", "red", "large", 1, 2), o("square", "red", "large", 1, 0)])
+    assert not holds(position, [o("circle", "red", "large", 1, 2),
+                                o("square", "red", "large", 1, 0)])
     # one column left but two rows up: "above" dominates the offset, so not "left of"
     assert not holds(position, [o("circle", "red", "large", 0, 0),
                                 o("square", "red", "large", 2, 1)])
