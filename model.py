@@ -13,9 +13,9 @@ Semantic tokens come from a small bidirectional ViT over the clean image plus a 
 adapter; pixel tokens are linear patch embeddings plus a 2-D position embedding (noisy ones also
 get the timestep embedding). Attention: causal, bidirectional within an image, and only an
 image's own tokens attend to a noisy image; [PAD] and dropped conditions are invisible keys.
-Flow matching: x_t = (1 - t) x_0 + t eps, v = eps - x_0, t = sigmoid(N(t_mean, 1)) in training, MSE on
-v; the flow head predicts x_0 and v = (x_t - x_0) / t follows (x-prediction, as JiT); Euler from
-t = 1 to 0 with the shift t' = s t / (1 + (s - 1) t).
+Flow matching: x_t = (1 - t) x_0 + t eps, v = eps - x_0, t = sigmoid(N(t_mean, 1)) in training,
+MSE on v; the flow head predicts x_0 and v = (x_t - x_0) / t follows (x-prediction, as JiT);
+Euler from t = 1 to 0 with the shift t' = s t / (1 + (s - 1) t).
 
 Batch (from `collate`): a dict {task group: dict of tensors}; groups "vqa", "t2i", "edit" (edit
 and uniedit share the edit layout), each present only if the samples hold that task, so any mix of
@@ -93,7 +93,7 @@ class UMMConfig:
     # (sem_cells) and from the trunk's outputs at the noisy image it generates (gen_cells).
     sem_cell_weight: float = 1.0
     gen_cell_weight: float = 1.0
-    t_mean: float = 1.0  # training times t = sigmoid(N(t_mean, 1)); > 0 puts more of them near noise
+    t_mean: float = 1.0  # training times t = sigmoid(N(t_mean, 1)); > 0: more of them near noise
     t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
     x_loss: bool = False  # the flow MSE on x_0 (= the v-loss times t^2) instead of on v
     # Training drops each condition independently, so that guidance has all its terms.
