@@ -834,7 +834,7 @@ def draw_curves(run_dir):
             color = COLORS[j % len(COLORS)]
             if len(pts) > 1:
                 pen.line([(px(s), py(v)) for s, v in pts], fill=color, width=2)
-            for s, v in pts[-1:] if len(pts) > 1 else pts:
+            for s, v in pts[-1:]:  # the newest value, as a dot
                 pen.ellipse([px(s) - 2, py(v) - 2, px(s) + 2, py(v) + 2], fill=color)
             pen.text((x0 + 92 * j, y0 + 18), k.removeprefix("val_"), fill=color, font=font)
     save_atomic(os.path.join(run_dir, "curves.png"), lambda f: sheet.save(f, format="PNG"))
