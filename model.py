@@ -75,10 +75,10 @@ class UMMConfig:
     enc_depth: int = 2  # semantic ViT encoder blocks
     head_depth: int = 2  # adaLN flow-head blocks
     # Each layout's fixed text slot, in tokens. synth's longest texts: a probe question + SEP
-    # (18), a 6-object test_ood caption (54) and an intelligent edit (28).
+    # (19), a 6-object test_ood caption (66) and an intelligent edit (34), each with some room.
     vqa_text: int = 24
-    t2i_text: int = 56
-    edit_text: int = 32
+    t2i_text: int = 68
+    edit_text: int = 36
     answer_len: int = 4  # the vqa answer slot (answer + EOS)
     vocab_size: int = 0  # tokenizer.get_vocab_size()
     mot: bool = False  # BAGEL's mixture-of-transformers: own trunk weights for noisy image tokens
@@ -96,6 +96,10 @@ class UMMConfig:
     t_mean: float = 1.0  # training times t = sigmoid(N(t_mean, 1)); > 0: more of them near noise
     t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
     x_loss: bool = False  # the flow MSE on x_0 (= the v-loss times t^2) instead of on v
+    # An edit changes 1-2 of an image's cells and copies the rest; in the per-patch mean the copies
+    # outweigh the edit itself ~10 to 1. The patches (and cells) an edit changes weigh this much
+    # more than the ones it keeps, in the flow loss and the gen_cells loss; 1: all alike.
+    change_weight: float = 4.0
     # Training drops each condition independently, so that guidance has all its terms.
     txt_dropout: float = 0.1
     src_dropout: float = 0.1  # the semantic source tokens
@@ -107,6 +111,9 @@ class UMMConfig:
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(f"width={self.width} must split into heads={self.heads} "
                              f"of even size (for RoPE)")
+        if self.change_weight <= 0:
+            raise ValueError(f"change_weight={self.change_weight} must be > 0 (1: an edit's "
+                             f"changed patches weigh as much as the ones it keeps)")
         if self.image_size % self.patch:
             raise ValueError(f"patch={self.patch} must divide image_size={self.image_size}")
         if (self.image_size // self.patch) % self.cells:
@@ -647,12 +654,21 @@ class UMM(nn.Module):
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
         return ce, x[:, L.sem]
 
-    def cell_loss(self, head, features, labels):
-        """Mean CE over the three attributes of every cell: head (C -> sum(CELL_CLASSES)) on
-        features (B, N, C) against labels (B, N, 3)."""
+    def cell_loss(self, head, features, labels, weight):
+        """CE over the three attributes of every cell, averaged with weights (B, N): head
+        (C -> sum(CELL_CLASSES)) on features (B, N, C) against labels (B, N, 3)."""
         logits = head(features).float().split(CELL_CLASSES, -1)  # 3 x (B, N, classes)
-        return sum(F.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten())
-                   for i, lg in enumerate(logits)) / len(logits)
+        ce = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten(), reduction="none")
+                 for i, lg in enumerate(logits)) / len(logits)  # (B N,)
+        return (ce * weight.flatten()).sum() / weight.sum()
+
+    def change_weights(self, target, source=None):
+        """Per-token loss weights (B, N): change_weight where the target (B, N, ...), patches or
+        cell labels, differs from the edit's source, 1 elsewhere and without a source."""
+        if source is None:
+            return target.new_ones(target.shape[:2], dtype=torch.float)
+        changed = (target != source).flatten(2).any(-1)  # (B, N)
+        return 1.0 + (self.cfg.change_weight - 1.0) * changed.float()
 
     def flow_errors(self, task, sub, noise):
         """Per-sample flow MSE (B,) of a 't2i' or 'edit' sub-batch; with the semantic source
@@ -670,8 +686,10 @@ class UMM(nn.Module):
         # The v-loss weighs the x_0 error by 1 / t^2: nearly clean samples dominate it, while the
         # text decides the image near t = 1. x_loss weighs every t alike.
         weight = t.clamp(min=0.05)[:, None, None] ** 2 if self.cfg.x_loss else 1.0
-        err = (weight * (v.float() - (eps - x0)).pow(2)).mean((1, 2))
-        return err, x[:, L.sem], h[:, L.noisy]
+        err = (weight * (v.float() - (eps - x0)).pow(2)).mean(2)  # (B, N)
+        source = patchify(sub["source"], self.cfg.patch) if task == "edit" else None
+        w = self.change_weights(x0, source)  # (B, N)
+        return (w * err).sum(1) / w.sum(1), x[:, L.sem], h[:, L.noisy]
 
     def loss(self, batch, noise=None):
         """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens, and the per-cell
@@ -684,14 +702,14 @@ class UMM(nn.Module):
         parts = {}
         total = 0.0
         noise = self.draw_noise(batch) if noise is None else noise
-        sem, gen = [], []  # (features, labels) of the images the attribute heads read
+        sem, gen = [], []  # (features, labels, weights) of the images the attribute heads read
         if "vqa" in batch:
             sub = batch["vqa"]
             ce, sem_tokens = self.answer_loss(sub)
             total = total + cfg.ce_weight * ce
             parts["ce"] = ce.detach()
             if "sem_cells" in sub:
-                sem.append((sem_tokens, sub["sem_cells"]))
+                sem.append((sem_tokens, sub["sem_cells"], self.change_weights(sub["sem_cells"])))
         tasks = [task for task in ("t2i", "edit") if task in batch]
         if tasks:
             errs = []
@@ -700,9 +718,11 @@ class UMM(nn.Module):
                 err, sem_tokens, noisy_out = self.flow_errors(task, sub, noise[task])
                 errs.append(err)
                 if "source_cells" in sub:
-                    sem.append((sem_tokens, sub["source_cells"]))
-                if "target_cells" in sub:
-                    gen.append((noisy_out, sub["target_cells"]))
+                    sem.append((sem_tokens, sub["source_cells"],
+                                self.change_weights(sub["source_cells"])))
+                if "target_cells" in sub:  # an edit's changed cells weigh change_weight
+                    gen.append((noisy_out, sub["target_cells"],
+                                self.change_weights(sub["target_cells"], sub.get("source_cells"))))
             err = torch.cat(errs)
             t = torch.cat([noise[task][0] for task in tasks])  # (B_gen,)
             flow = err.mean()
@@ -717,8 +737,7 @@ class UMM(nn.Module):
         for name, weight, head, pairs in (("sem_cells", cfg.sem_cell_weight, self.sem_cells, sem),
                                           ("gen_cells", cfg.gen_cell_weight, self.gen_cells, gen)):
             if weight > 0 and pairs:
-                cells = self.cell_loss(head, torch.cat([f for f, _ in pairs]),
-                                       torch.cat([y for _, y in pairs]))
+                cells = self.cell_loss(head, *(torch.cat(part) for part in zip(*pairs)))
                 total = total + weight * cells
                 parts[name] = cells.detach()
         return total, parts

@@ -1172,7 +1172,9 @@ def make_sample(world, task, split, index, seed=0):
 def get_tokenizer(world="default", seed=0):
     """A BPE tokenizer trained on synthesized text of every task (deterministic for a seed).
 
-    Metaspace pre-tokenization keeps spaces inside tokens, so decode(encode(t)) == t."""
+    Metaspace pre-tokenization keeps spaces inside tokens, so decode(encode(t)) == t. Punctuation
+    is split off first: otherwise BPE merges "1," "1;" "1." and "1" into four unrelated tokens, and
+    the model must learn each cell coordinate (and each word ending a sentence) several times."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     w = get_world(world)
     texts = []
@@ -1183,7 +1185,8 @@ def get_tokenizer(world="default", seed=0):
                 probe = s["probe"]["question"] if s["probe"] else ""
                 texts += [s["text"], s["answer"] or "", probe]
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(),
+                                                 pre_tokenizers.Punctuation("isolated")])
     tok.decoder = decoders.Metaspace()
     alphabet = sorted(set("".join(texts)))
     tok.train_from_iterator(texts, trainers.BpeTrainer(

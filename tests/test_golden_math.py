@@ -148,6 +148,36 @@ def test_flow_loss_interpolates_towards_noise_and_regresses_noise_minus_data():
     assert parts["flow"].item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_an_edit_weighs_the_patches_and_cells_it_changes_by_change_weight():
+    model = narrow(txt_dropout=0.0, src_dropout=0.0, src_pixel_dropout=0.0, change_weight=4.0)
+    batch = collate(samples("edit", 4), model.cfg, TOK)
+    sub = batch["edit"]
+    p = model.cfg.patch
+    x0, source = own_patches(sub["target"], p), own_patches(sub["source"], p)
+    changed = (x0 != source).any(-1).float()  # (B, N): the patches the edit redraws
+    assert changed.sum(1).min() >= 1  # every one of these four edits changes something
+    t, eps = torch.full((4,), 0.5), torch.randn_like(x0)
+
+    def velocity(task, sub, x_t, t, *keep):  # off by 1 at every changed patch, exact elsewhere
+        return with_trunk(model, task, eps - x0 + changed[..., None])
+
+    model.velocity_patches = velocity
+    _, parts = model.loss(batch, {"edit": (t, eps, torch.rand(3, 4))})
+    k, N = changed.sum(1), changed.shape[1]
+    want = (4 * k / (4 * k + (N - k))).mean()  # a changed patch's error counts 4 times
+    assert parts["flow"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert want > (k / N).mean()  # what the plain per-patch mean would give
+
+    # gen_cells: the cells whose label differs between source and target weigh 4, the rest 1
+    seen = []
+    model.cell_loss = lambda head, features, labels, weight: seen.append(weight) or labels.sum() * 0.0
+    model.loss(batch, {"edit": (t, eps, torch.rand(3, 4))})
+    gen_weight = seen[-1]
+    differs = (sub["target_cells"] != sub["source_cells"]).any(-1)
+    torch.testing.assert_close(gen_weight, torch.where(differs, 4.0, 1.0))
+    torch.testing.assert_close(seen[0], torch.ones_like(seen[0]))  # sem_cells: all alike
+
+
 def many_edits(model, B):
     """One edit sample repeated B times (views, no copies), collated for the model."""
     sub = collate(samples("uniedit", 1), model.cfg, TOK)["edit"]

@@ -204,6 +204,21 @@ def test_collate_layout_and_accounting():
     assert model.flops_per_sample("uniedit") > model.flops_per_sample("t2i") > 6 * n["matmul"] * 0.2
 
 
+def test_every_text_of_every_world_and_split_fits_its_layout_slot():
+    # a longer text would stop training with collate's error: the slots hold the longest
+    # texts of 500 samples per task and split (6-object test_ood captions, nested edits)
+    cfg = UMMConfig.preset("tiny")
+    room = {"vqa": cfg.vqa_text - 1, "t2i": cfg.t2i_text, "edit": cfg.edit_text,
+            "uniedit": cfg.edit_text}  # a question also needs its SEP
+    for world in ("tiny", "default"):
+        tok = synth.get_tokenizer(world)
+        for task, n in room.items():
+            longest = max(len(tok.encode(text).ids) for split in synth.SPLITS for i in range(500)
+                          for s in [synth.make_sample(world, task, split, i)]
+                          for text in (s["text"], s["probe"] and s["probe"]["question"]) if text)
+            assert longest <= n, (world, task, longest)
+
+
 def test_bad_inputs_get_one_line_errors():
     model = tiny()
     cfg = model.cfg
@@ -216,7 +231,7 @@ def test_bad_inputs_get_one_line_errors():
     for shape in ((1, 3, 16, 16), (1, 4, S, S)):
         with pytest.raises(ValueError, match=f"image_size={S}"):
             model.velocity("edit", sub, torch.zeros(shape), 0.5)
-    with pytest.raises(ValueError, match="edit_text=32"):
+    with pytest.raises(ValueError, match="edit_text=36"):
         collate([dict(bad, text="paint the red circle blue. " * 20)], cfg, TOK)
     with pytest.raises(ValueError, match="heads=3"):
         UMMConfig(width=128, heads=3)

@@ -261,6 +261,15 @@ def test_tokenizer_round_trips_every_text():
                         assert tok.decode(ids) == text
 
 
+def test_punctuation_never_merges_into_a_word_or_number():
+    # "row 1," "row 1;" and "row 1." must share the token of "1", as "circle." shares "circle"
+    tok = synth.get_tokenizer("tiny")
+    for text in ("Move it to row 1, column 2.", "row 1; column 2", "Is it in row 1?"):
+        tokens = tok.encode(text).tokens
+        assert "▁1" in tokens and not any(t[-1] in ",;.?" and len(t) > 1 for t in tokens)
+    assert tok.encode("a circle.").tokens[:2] == tok.encode("a circle to").tokens[:2]
+
+
 def read_folder(path):
     return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
 
