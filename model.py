@@ -86,6 +86,7 @@ class UMMConfig:
     flex: bool = True  # FlexAttention block masks on CUDA (dense-mask SDPA on CPU)
     kernels: bool = False  # kernels.py's fused Triton ops (CUDA or TRITON_INTERPRET=1), else torch
     rope_base: float = 10000.0
+    rope_2d: bool = True  # image tokens turn by their (row, column), not by their sequence place
     ce_weight: float = 1.0  # total = ce_weight * ce + flow_weight * flow; 0 is flow-only
     flow_weight: float = 1.0
     # Per-cell attribute losses (README, "What it takes to learn the shapes world"): linear heads
@@ -166,6 +167,17 @@ class Layout:
         self.kind[self.sem] = SEM
         self.kind[self.clean] = CLEAN
         self.kind[self.noisy] = NOISY
+        # The (row, column) RoPE turns each position by (see rope_angles). A text token's are both
+        # its place in the sequence, which is 1-D RoPE. With rope_2d an image's token at cell (r, c)
+        # has (start + r, start + c): attention then sees "one row up" or "the same cell of the
+        # source" as one offset, where in reading order a row is g places and a cell g^2.
+        pos = torch.arange(self.T)
+        self.coords = torch.stack([pos, pos], 1)  # (T, 2) long
+        g = cfg.image_size // cfg.patch
+        cell = torch.arange(g * g)
+        for image in (self.sem, self.clean, self.noisy):
+            if cfg.rope_2d and image.stop > image.start:
+                self.coords[image] = image.start + torch.stack([cell // g, cell % g], 1)
 
 
 def mask_rule(kind, vis):
@@ -298,6 +310,13 @@ def rmsnorm_modulate(x, scale, shift, eps=1e-6):  # adaLN, no gain: x (B, T, C),
     xf = x.float()
     xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xhat * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
+
+
+def rope_angles(coords, D, base):
+    """(T, 2) row and column coordinates -> (T, D/2) angles of RoPE's D/2 frequency pairs: pair i
+    turns at base^(-2i/D) per step of the row (i even) or of the column (i odd)."""
+    inv_freq = base ** (-torch.arange(0, D, 2).float() / D)  # (D/2,), 1 first
+    return coords[:, torch.arange(D // 2) % 2].float() * inv_freq
 
 
 def rope(x, cos, sin):  # x (B, H, T, D), cos and sin (T, D/2): rotate the halves of each head
@@ -483,8 +502,15 @@ class UMM(nn.Module):
         pd = 3 * cfg.patch ** 2  # values per patch
         self.n = g * g  # tokens per image
         self.layouts = {task: Layout(cfg, task) for task in ("vqa", "t2i", "edit")}
-        for task, L in self.layouts.items():  # on the model's device: a mask build copies nothing
+        # Per task, on the model's device: the kind of each position (a mask build copies nothing)
+        # and RoPE's tables, with room for decoding past the layout (text: one step per token).
+        D = C // cfg.heads
+        for task, L in self.layouts.items():
             self.register_buffer(f"kind_{task}", L.kind, persistent=False)
+            decode = torch.arange(L.T, L.T + 64)[:, None].expand(64, 2)
+            angles = rope_angles(torch.cat([L.coords, decode]), D, cfg.rope_base)  # (T + 64, D/2)
+            self.register_buffer(f"cos_{task}", angles.cos(), persistent=False)
+            self.register_buffer(f"sin_{task}", angles.sin(), persistent=False)
         # semantic path: ViT encoder over clean patches, then the adapter into the trunk
         self.enc_in = nn.Linear(pd, C, bias=False)
         self.enc_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)  # row and column embeddings
@@ -516,13 +542,6 @@ class UMM(nn.Module):
         self.head = nn.ModuleList([AdaLNBlock(cfg) for _ in range(cfg.head_depth)])
         self.head_norm = RMSNorm(C, cfg.kernels)
         self.to_pixels = nn.Linear(C, pd, bias=False)
-        # RoPE tables, with room for decoding past the answer slot
-        T_max = max(L.T for L in self.layouts.values()) + 64
-        D = C // cfg.heads
-        inv_freq = cfg.rope_base ** (-torch.arange(0, D, 2).float() / D)
-        angles = torch.outer(torch.arange(T_max).float(), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)  # (T_max, D/2)
-        self.register_buffer("sin", angles.sin(), persistent=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -584,10 +603,11 @@ class UMM(nn.Module):
     def mask(self, task, vis):
         return attention_mask(getattr(self, f"kind_{task}"), vis, self.cfg.flex and vis.is_cuda)
 
-    def trunk(self, x, mask, pos0=0, gen=None, caches=None):
-        """x (B, T, C) at positions pos0.. -> (B, T, C); gen: MoT's slice; caches: one per block."""
-        cos = self.cos[pos0:pos0 + x.shape[1]]  # (T, D/2)
-        sin = self.sin[pos0:pos0 + x.shape[1]]
+    def trunk(self, x, task, mask, pos0=0, gen=None, caches=None):
+        """x (B, T, C) at positions pos0.. of a task's layout -> (B, T, C); gen: MoT's slice;
+        caches: one per block."""
+        cos = getattr(self, f"cos_{task}")[pos0:pos0 + x.shape[1]]  # (T, D/2)
+        sin = getattr(self, f"sin_{task}")[pos0:pos0 + x.shape[1]]
         for i, blk in enumerate(self.blocks):
             x = blk(x, mask, cos, sin, gen, caches[i] if caches is not None else None)
         return x
@@ -606,7 +626,7 @@ class UMM(nn.Module):
         temb = self.t_mlp(timestep_features(t, self.cfg.width))  # (B, C)
         x, vis = self.embed(task, tokens, sub.get("sem"), sub.get("source"), x_t, temb, keep_sem,
                             keep_pix)
-        h = self.trunk(x, self.mask(task, vis), gen=L.noisy)  # (B, T, C)
+        h = self.trunk(x, task, self.mask(task, vis), gen=L.noisy)  # (B, T, C)
         if self.cls is not None:  # the refiner reads the condition prefix, bidirectionally
             P = L.noisy.start
             r = torch.cat([h[:, :P], self.cls.expand(h.shape[0], 1, -1)], 1)  # (B, P + 1, C)
@@ -648,7 +668,7 @@ class UMM(nn.Module):
         (B, N, C)."""
         L = self.layouts["vqa"]
         x, vis = self.embed("vqa", sub["tokens"], sem=sub["sem"])
-        h = self.trunk(x, self.mask("vqa", vis))  # (B, T, C)
+        h = self.trunk(x, "vqa", self.mask("vqa", vis))  # (B, T, C)
         logits = self.text_logits(h[:, L.answer.start - 1:L.answer.stop - 1])  # (B, A, V)
         targets = sub["tokens"][:, L.answer]  # (B, A)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
@@ -791,8 +811,8 @@ class UMM(nn.Module):
         L = self.layouts["vqa"]
         max_new = max_new_tokens or self.cfg.answer_len
         P = L.answer.start  # the prompt: BOS, semantic image, question and SEP
-        if P + max_new > self.cos.shape[0]:
-            raise ValueError(f"max_new_tokens={max_new} exceeds the {self.cos.shape[0] - P} "
+        if P + max_new > self.cos_vqa.shape[0]:
+            raise ValueError(f"max_new_tokens={max_new} exceeds the {self.cos_vqa.shape[0] - P} "
                              f"positions RoPE has")
         x, vis = self.embed("vqa", sub["tokens"], sem=sub["sem"])
         x, vis = x[:, :P], vis[:, :P]  # (B, P, C), (B, P)
@@ -803,9 +823,9 @@ class UMM(nn.Module):
         for i in range(max_new):
             if use_cache:  # prefill once, then one position at a time
                 mask = attention_mask(kind[:P], vis, False) if i == 0 else vis[:, None, None, :]
-                h = self.trunk(new, mask, pos0=x.shape[1] - new.shape[1], caches=caches)
+                h = self.trunk(new, "vqa", mask, pos0=x.shape[1] - new.shape[1], caches=caches)
             else:
-                h = self.trunk(x, attention_mask(kind[:x.shape[1]], vis, False))  # (B, T, C)
+                h = self.trunk(x, "vqa", attention_mask(kind[:x.shape[1]], vis, False))  # (B, T, C)
             logits = self.text_logits(h[:, -1]).float()  # (B, V)
             if temperature > 0:
                 probs = F.softmax(logits / temperature, -1)

@@ -43,19 +43,32 @@ def samples(task, n):
 def test_rope_table_holds_the_angle_of_every_position_and_frequency():
     model = narrow()
     D = model.cfg.width // model.cfg.heads
-    T = model.cos.shape[0]
-    # angle(p, i) = p / base^(2i / D), i < D/2: frequency 1 first, slower ones after
-    angles = np.arange(T)[:, None] * model.cfg.rope_base ** (-np.arange(D // 2)[None] * 2.0 / D)
-    np.testing.assert_allclose(model.cos.numpy(), np.cos(angles), atol=1e-4)  # fp32 angles
-    np.testing.assert_allclose(model.sin.numpy(), np.sin(angles), atol=1e-4)
-    assert model.cos[1, 0].item() == pytest.approx(math.cos(1.0))
-    assert model.sin[3, D // 2 - 1].item() == pytest.approx(math.sin(3 * 10000 ** (-(D - 2) / D)))
+    L = model.layouts["t2i"]  # BOS, caption, BOI (text), then the 4 x 4 noisy image, EOI, decoding
+    T = model.cos_t2i.shape[0]
+    freq = model.cfg.rope_base ** (-np.arange(D // 2) * 2.0 / D)  # pair i: 1 / base^(2i / D)
+    # text: angle(p, i) = p * freq_i; image cell (r, c) at start s: pair i turns with s + r for
+    # even i and with s + c for odd i
+    row, col = np.arange(T), np.arange(T)
+    s = L.noisy.start
+    for cell in range(16):
+        row[s + cell], col[s + cell] = s + cell // 4, s + cell % 4
+    angles = np.where(np.arange(D // 2) % 2 == 0, row[:, None], col[:, None]) * freq[None]
+    np.testing.assert_allclose(model.cos_t2i.numpy(), np.cos(angles), atol=1e-4)  # fp32 angles
+    np.testing.assert_allclose(model.sin_t2i.numpy(), np.sin(angles), atol=1e-4)
+    assert model.cos_t2i[1, 0].item() == pytest.approx(math.cos(1.0))
+    assert model.sin_t2i[3, D // 2 - 1].item() == pytest.approx(math.sin(3 * 10000 ** (-(D - 2) / D)))
+    assert model.cos_t2i[s + 6, 0].item() == pytest.approx(math.cos(s + 1))  # cell (1, 2): row 1
+    assert model.cos_t2i[s + 6, 1].item() == pytest.approx(math.cos((s + 2) * freq[1]))  # col 2
+    # without rope_2d every position turns by its place in the sequence
+    flat = narrow(rope_2d=False)
+    angles = np.arange(T)[:, None] * freq[None]
+    np.testing.assert_allclose(flat.cos_t2i.numpy(), np.cos(angles), atol=1e-4)
 
 
 def test_rope_rotates_each_pair_and_scores_depend_on_the_offset_only():
     model = narrow()
     D = model.cfg.width // model.cfg.heads
-    cos, sin = model.cos, model.sin
+    cos, sin = model.cos_t2i, model.sin_t2i  # its first 40 positions are text
     # a unit vector in the first half turns towards its partner D/2 further on
     x = torch.zeros(1, 1, 8, D)
     x[..., 0] = 1.0
@@ -72,6 +85,29 @@ def test_rope_rotates_each_pair_and_scores_depend_on_the_offset_only():
         scores = (qs[:T - d] * ks[d:]).sum(-1)
         torch.testing.assert_close(scores, scores[:1].expand_as(scores), atol=1e-4, rtol=1e-4)
     assert not torch.allclose((qs[0] * ks[1]).sum(), (qs[0] * ks[5]).sum())
+
+
+def test_image_tokens_score_each_other_by_their_row_and_column_offsets():
+    # an edit's noisy cell (r, c) against its source's cell (r + dr, c + dc): one score per offset
+    # wherever the cell is, and "one row down" differs from "four places on" (reading order)
+    model = narrow()
+    D = model.cfg.width // model.cfg.heads
+    L = model.layouts["edit"]
+    torch.manual_seed(0)
+    q, k = torch.randn(D), torch.randn(D)
+    qs = M.rope(q.expand(1, 1, L.T, D), model.cos_edit[:L.T], model.sin_edit[:L.T])[0, 0]
+    ks = M.rope(k.expand(1, 1, L.T, D), model.cos_edit[:L.T], model.sin_edit[:L.T])[0, 0]
+
+    def score(r, c, dr, dc):
+        return (qs[L.noisy.start + 4 * r + c] * ks[L.clean.start + 4 * (r + dr) + c + dc]).sum()
+
+    for dr, dc in ((0, 0), (1, 0), (0, 1), (1, -1)):
+        cells = [(r, c) for r in range(4) for c in range(4) if 0 <= r + dr < 4 and 0 <= c + dc < 4]
+        scores = torch.stack([score(r, c, dr, dc) for r, c in cells])
+        torch.testing.assert_close(scores, scores[:1].expand_as(scores), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(score(0, 0, 1, 0), score(0, 0, 0, 1), atol=1e-3)
+    # cell (0, 3) -> (1, 0) is 1 place on in reading order but (1, -3) in the grid
+    assert not torch.allclose(score(0, 3, 1, -3), score(0, 0, 0, 1), atol=1e-3)
 
 
 def test_norms_and_swiglu_by_hand():

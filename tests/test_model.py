@@ -36,7 +36,7 @@ def logits_with_bump(model, task, sub, pos=None, keep_sem=True):
     x, vis = model.embed(task, sub["tokens"], sub.get("sem"), sub.get("source"), x_t, temb, keep, ones)
     if pos is not None:
         x[:, pos] += 1.0
-    h = model.trunk(x, model.mask(task, vis), gen=model.layouts[task].noisy)
+    h = model.trunk(x, task, model.mask(task, vis), gen=model.layouts[task].noisy)
     return model.lm_head(model.norm(h))  # (B, T, V)
 
 
