@@ -14,7 +14,8 @@ adapter; pixel tokens are linear patch embeddings plus a 2-D position embedding 
 get the timestep embedding). Attention: causal, bidirectional within an image, and only an
 image's own tokens attend to a noisy image; [PAD] and dropped conditions are invisible keys.
 Flow matching: x_t = (1 - t) x_0 + t eps, v = eps - x_0, t = sigmoid(N(t_mean, 1)) in training,
-MSE on v; the flow head predicts x_0 and v = (x_t - x_0) / t follows (x-prediction, as JiT);
+MSE on v; the flow head predicts x_0 (an edit's: x_0 minus its pixel source) and
+v = (x_t - x_0) / t follows (x-prediction, as JiT);
 Euler from t = 1 to 0 with the shift t' = s t / (1 + (s - 1) t).
 
 Batch (from `collate`): a dict {task group: dict of tensors}; groups "vqa", "t2i", "edit" (edit
@@ -101,6 +102,10 @@ class UMMConfig:
     # outweigh the edit itself ~10 to 1. The patches (and cells) an edit changes weigh this much
     # more than the ones it keeps, in the flow loss and the gen_cells loss; 1: all alike.
     change_weight: float = 4.0
+    # An edit's flow head predicts the change to the clean pixel source, x_0 = source + head output,
+    # when that source is kept: copying a kept cell is then the head's zero, not a patch it must
+    # redraw from 128 numbers (without it the tiny base redrew ~3 of 15 kept objects wrongly).
+    src_residual: bool = True
     # Training drops each condition independently, so that guidance has all its terms.
     txt_dropout: float = 0.1
     src_dropout: float = 0.1  # the semantic source tokens
@@ -642,6 +647,8 @@ class UMM(nn.Module):
         # low-dimensional manifold that a narrow model can reach, 192-dim noise does not, and
         # v-prediction left visible noise in every sample.
         x0 = self.to_pixels(self.head_norm(y))  # (B, N, 3 p p)
+        if task == "edit" and self.cfg.src_residual:
+            x0 = x0 + keep_pix[:, None, None] * patchify(sub["source"], self.cfg.patch)
         return (x_t - x0) / t.clamp(min=0.05)[:, None, None], x, h
 
     # --- training loss
@@ -935,6 +942,11 @@ def read_meta(path):
         raise ValueError(f"checkpoint file {file} is missing or corrupt: {e}") from None
 
 
+# What a checkpoint saved before a model key existed was trained with: the key's value then, not
+# today's default (a missing rope_2d would silently turn its image tokens the new way).
+LEGACY = {"rope_2d": False, "src_residual": False}
+
+
 def load_checkpoint(path, weights="ema", device="cpu"):
     """(model in eval mode, tokenizer, meta) from a step_* checkpoint folder or a run folder (its
     newest)."""
@@ -949,7 +961,7 @@ def load_checkpoint(path, weights="ema", device="cpu"):
     except Exception as e:
         raise ValueError(f"checkpoint file {ckpt}/tokenizer.json is missing or corrupt: {e}"
                          ) from None
-    model = UMM(UMMConfig(**meta["model"]))
+    model = UMM(UMMConfig(**{**LEGACY, **meta["model"]}))
     load_weights(ckpt, f"{weights}.safetensors", model)
     return model.to(device).eval(), tok, meta
 

@@ -273,6 +273,32 @@ def test_sampling_uses_the_pixel_source_only_where_training_kept_it():
         assert [k.tolist() for k in seen["keep"]] == [[True] * 2, [False] * 2, [False] * 2]
 
 
+def test_an_edit_predicts_the_change_to_its_pixel_source_where_that_source_is_kept():
+    # The flow head's output layer starts at zero, so a fresh model's x_0 is the kept pixel source
+    # exactly (src_residual), and zero without it or where the pixel source is dropped.
+    sub = many_edits(narrow(), 2)["edit"]
+    source = own_patches(sub["source"], 16)
+    x_t, t = torch.randn_like(source), torch.tensor([0.5, 0.8])
+    for residual in (True, False):
+        model = narrow(src_residual=residual)
+        for pixels in (True, False):
+            keep = [torch.ones(2, dtype=torch.bool)] * 2 + [torch.full((2,), pixels)]
+            v = model.velocity_patches("edit", sub, x_t, t, *keep)[0]
+            x0 = source if residual and pixels else torch.zeros_like(source)
+            torch.testing.assert_close(v, (x_t - x0) / t[:, None, None])
+
+
+def test_a_checkpoint_from_before_a_model_key_loads_with_the_value_it_was_trained_with(tmp_path):
+    model = narrow()
+    run = str(tmp_path / "run")
+    meta = {"model": {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in M.LEGACY}}
+    train.save_checkpoint(run, 1, model, model.state_dict(), torch.optim.AdamW(model.parameters()),
+                          meta, TOK, keep=0)
+    loaded = M.load_checkpoint(run)[0]
+    assert {k: getattr(loaded.cfg, k) for k in M.LEGACY} == M.LEGACY
+    assert M.LEGACY != {k: getattr(model.cfg, k) for k in M.LEGACY}  # today's defaults differ
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def test_guidance_combines_the_velocities_as_the_formulas_say():
