@@ -1,7 +1,7 @@
 """Score a nanoUMM checkpoint on understanding, generation and editing; synth.parse is the judge.
 
     python eval.py --ckpt out/pretrain            # a run's newest checkpoint, EMA weights, val
-    python eval.py --ckpt out/pretrain/step_006000 --split test_ood --out results/ood.json
+    python eval.py --ckpt out/pretrain/step_003600 --split test_ood --out results/ood.json
     python eval.py --baseline universal           # a chance row: a trivial model on the same sets
     python eval.py --compare results --rows base,uniedit   # mean ± std over seeds, differences
     python eval.py -h                             # every count and sampling knob

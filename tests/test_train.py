@@ -55,7 +55,7 @@ def test_parse_args_types_unknown_keys_and_help():
     with pytest.raises(ValueError, match="--lr needs a value"):
         train.parse_args(["--lr"])
     r = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and "--max_steps=6000" in r.stdout and "--recipe='pretrain'" in r.stdout
+    assert r.returncode == 0 and "--max_steps=3600" in r.stdout and "--recipe='pretrain'" in r.stdout
     r = subprocess.run([sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error: unknown key 'bogus'") and r.stderr.count("\n") == 1
 
