@@ -9,6 +9,8 @@ Sequences (one per sample; fixed length per task and preset, text left-padded wi
     t2i:   BOS caption BOI [noisy pixel image] EOI             flow loss on the noisy image
     edit:  BOS [sem source] instruction BOI [clean pixel source] [noisy pixel target] EOI
            (edit and uniedit; flow loss on the noisy target)
+    with dual_tokens (UniToken) each [sem image] is BOI [codes] SEP [sem image] EOI: the image
+    also as the discrete codes of a k-means patch tokenizer (fit_codebook), embedded
 Semantic tokens come from a small bidirectional ViT over the clean image plus a 2-layer MLP
 adapter; pixel tokens are linear patch embeddings plus a 2-D position embedding (noisy ones also
 get the timestep embedding). Attention: causal, bidirectional within an image, and only an
@@ -32,7 +34,8 @@ model.loss(batch, noise=model.draw_noise(batch)) -> (total, parts);
 model.generate_text(batch["vqa"]) -> answer ids; model.velocity(task, sub, x_t, t, with_text,
 with_image); model.guided_velocity(...); model.sample(task, sub, steps, shift, txt_scale,
 img_scale); euler(velocity_fn, x, steps, shift); model.num_params() -> {total, matmul};
-model.flops_per_sample(task) for MFU; load_checkpoint(path) -> (model, tokenizer, meta).
+model.flops_per_sample(task) for MFU; model.fit_codebook(images) (dual_tokens);
+load_checkpoint(path) -> (model, tokenizer, meta).
 
 The four small ops of the blocks (RMSNorm, its adaLN form, RoPE, SwiGLU) are plain torch below;
 with UMMConfig.kernels the blocks call kernels.py's fused Triton versions of them instead.
@@ -84,6 +87,12 @@ class UMMConfig:
     vocab_size: int = 0  # tokenizer.get_vocab_size()
     mot: bool = False  # BAGEL's mixture-of-transformers: own trunk weights for noisy image tokens
     refiner_layers: int = 0  # Ovis-U1's bidirectional refiner; its CLS output joins the t embedding
+    # UniToken's unified visual encoding: an image the model reads (the VQA image, the edit's source)
+    # enters twice, as discrete codes of a vector-quantised patch tokenizer and as the continuous
+    # semantic tokens, laid out BOI [codes] SEP [semantic] EOI. The codebook (codebook patches,
+    # fitted by fit_codebook) is saved with the weights.
+    dual_tokens: bool = False
+    codebook: int = 512
     flex: bool = True  # FlexAttention block masks on CUDA (dense-mask SDPA on CPU)
     kernels: bool = False  # kernels.py's fused Triton ops (CUDA or TRITON_INTERPRET=1), else torch
     rope_base: float = 10000.0
@@ -117,6 +126,8 @@ class UMMConfig:
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(f"width={self.width} must split into heads={self.heads} "
                              f"of even size (for RoPE)")
+        if self.codebook < 1:
+            raise ValueError(f"codebook={self.codebook} must be >= 1 (codes per patch tokenizer)")
         if self.change_weight <= 0:
             raise ValueError(f"change_weight={self.change_weight} must be > 0 (1: an edit's "
                              f"changed patches weigh as much as the ones it keeps)")
@@ -146,7 +157,7 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- layouts, attention
 
-TEXT, SEM, CLEAN, NOISY = 0, 1, 2, 3  # the kind of each position: text or one of 3 image kinds
+TEXT, SEM, CLEAN, NOISY, CODES = 0, 1, 2, 3, 4  # the kind of each position: text or an image kind
 
 
 class Layout:
@@ -155,16 +166,21 @@ class Layout:
     def __init__(self, cfg, task):
         n = (cfg.image_size // cfg.patch) ** 2  # tokens per image
         L = getattr(cfg, f"{task}_text")
+        # the image the model reads: its semantic tokens, or UniToken's BOI codes SEP semantic EOI
+        read = [("sem", n)]
+        if cfg.dual_tokens:
+            read = [("code_boi", 1), ("codes", n), ("code_sep", 1), ("sem", n), ("code_eoi", 1)]
         segments = {
-            "vqa": [("bos", 1), ("sem", n), ("text", L), ("answer", cfg.answer_len)],
+            "vqa": [("bos", 1), *read, ("text", L), ("answer", cfg.answer_len)],
             "t2i": [("bos", 1), ("text", L), ("boi", 1), ("noisy", n), ("eoi", 1)],
-            "edit": [("bos", 1), ("sem", n), ("text", L), ("boi", 1), ("clean", n), ("noisy", n),
+            "edit": [("bos", 1), *read, ("text", L), ("boi", 1), ("clean", n), ("noisy", n),
                      ("eoi", 1)],
         }[task]
         pos = np.cumsum([0] + [k for _, k in segments])
         self.task = task
         self.T = int(pos[-1])
-        for name in ("sem", "text", "answer", "clean", "noisy"):  # a missing one: the empty slice
+        for name in ("sem", "text", "answer", "clean", "noisy", "codes", "code_boi", "code_sep",
+                     "code_eoi"):  # a missing one: the empty slice
             setattr(self, name, slice(self.T, self.T))
         for (name, _), a, b in zip(segments, pos[:-1], pos[1:]):
             setattr(self, name, slice(int(a), int(b)))
@@ -172,6 +188,7 @@ class Layout:
         self.kind[self.sem] = SEM
         self.kind[self.clean] = CLEAN
         self.kind[self.noisy] = NOISY
+        self.kind[self.codes] = CODES
         # The (row, column) RoPE turns each position by (see rope_angles). A text token's are both
         # its place in the sequence, which is 1-D RoPE. With rope_2d an image's token at cell (r, c)
         # has (start + r, start + c): attention then sees "one row up" or "the same cell of the
@@ -180,7 +197,7 @@ class Layout:
         self.coords = torch.stack([pos, pos], 1)  # (T, 2) long
         g = cfg.image_size // cfg.patch
         cell = torch.arange(g * g)
-        for image in (self.sem, self.clean, self.noisy):
+        for image in (self.codes, self.sem, self.clean, self.noisy):
             if cfg.rope_2d and image.stop > image.start:
                 self.coords[image] = image.start + torch.stack([cell // g, cell % g], 1)
 
@@ -249,6 +266,7 @@ def collate(samples, cfg, tokenizer):
                              f"raise {task}_text")
         tokens = torch.full((L.T,), PAD)  # (T,)
         tokens[0] = BOS
+        tokens[L.code_boi], tokens[L.code_sep], tokens[L.code_eoi] = BOI, SEP, EOI  # dual_tokens
         tokens[L.text.stop - len(ids):L.text.stop] = torch.tensor(ids, dtype=torch.long)  # left-pad
         item = {"rows": torch.tensor(row), "tokens": tokens}
         if task == "vqa":
@@ -524,6 +542,9 @@ class UMM(nn.Module):
         self.adapter = nn.Sequential(nn.Linear(C, C, bias=False), nn.GELU(),
                                      nn.Linear(C, C, bias=False))
         self.sem_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)  # the cell's row and column again
+        if cfg.dual_tokens:  # the discrete half: a patch's nearest codebook entry, embedded
+            self.register_buffer("codebook", torch.zeros(cfg.codebook, pd))  # fit_codebook fills it
+            self.code_emb = nn.Embedding(cfg.codebook, C)
         # pixel path
         self.pix_in = nn.Linear(pd, C, bias=False)
         self.pix_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)
@@ -570,8 +591,48 @@ class UMM(nn.Module):
         # row and column, so "directly left of" or "row 2" need not be decoded from that order.
         return self.adapter(self.enc_norm(x)) + grid(self.sem_pos)
 
+    @torch.no_grad()
+    def fit_codebook(self, images, iters=20):
+        """Fit the discrete tokenizer of dual_tokens to images (M, 3, S, S) in [-1, 1]: k-means
+        over their patches, started from `codebook` distinct patches picked farthest-first, then
+        Lloyd's iterations on the distinct patches weighted by their counts. Deterministic; a set
+        of at most `codebook` distinct patches gets each its own code, so they round-trip exactly
+        (the tiny world's training renders have 71: 70 objects, held-out combos aside, and empty).
+        Returns the mean squared error per value of the coded patches."""
+        patches = patchify(self.check_image(images), self.cfg.patch).flatten(0, 1).float()
+        uniq, counts = torch.unique(patches, dim=0, return_counts=True)  # (U, pd), (U,)
+        K = self.cfg.codebook
+        picked = [0]
+        dist = (uniq - uniq[0]).pow(2).sum(1)  # each distinct patch's distance to its nearest pick
+        while len(picked) < K and dist.max() > 0:  # farthest first, until every patch is a code
+            i = int(dist.argmax())
+            picked.append(i)
+            dist = torch.minimum(dist, (uniq - uniq[i]).pow(2).sum(1))
+        # codes left over sit outside the pixel range [-1, 1], where no patch is nearest to them
+        codes = torch.full((K, uniq.shape[1]), 4.0)
+        codes[:len(picked)] = uniq[picked]  # (K, pd)
+        for _ in range(iters):
+            assign = torch.cdist(uniq, codes).argmin(1)  # (U,)
+            w = F.one_hot(assign, K).float() * counts[:, None]  # (U, K)
+            mass = w.sum(0)  # (K,)
+            used = mass > 0  # an empty cluster keeps its entry
+            codes[used] = (w.T @ uniq)[used] / mass[used, None]
+        self.codebook.copy_(codes)
+        coded = codes[torch.cdist(uniq, codes).argmin(1)]
+        return float(((coded - uniq).pow(2).mean(1) * counts).sum() / counts.sum())
+
+    def encode_codes(self, image):  # (B, 3, S, S) -> (B, N) long: each patch's nearest code
+        patches = patchify(self.check_image(image), self.cfg.patch)  # (B, N, pd)
+        return torch.cdist(patches.float(), self.codebook[None]).argmin(-1)
+
+    def decode_codes(self, codes):  # (B, N) long -> (B, 3, S, S): the codes' patches
+        return unpatchify(self.codebook[codes], self.cfg.patch)
+
     def pixel_tokens(self, patches):  # (B, N, 3 p p) -> (B, N, C)
         return self.pix_in(patches) + grid(self.pix_pos)
+
+    def code_tokens(self, image):  # (B, 3, S, S) -> (B, N, C): the discrete half of dual_tokens
+        return self.code_emb(self.encode_codes(image)) + grid(self.sem_pos)  # its cell, as sem's
 
     def embed(self, task, tokens, sem=None, source=None, x_t=None, temb=None, keep_sem=None,
               keep_pix=None):
@@ -585,6 +646,9 @@ class UMM(nn.Module):
         if task == "vqa":
             x[:, L.sem] = self.semantic_tokens(sem)
             vis[:, L.sem] = True
+            if self.cfg.dual_tokens:
+                x[:, L.codes] = self.code_tokens(sem)
+                vis[:, L.codes] = True
         if task != "vqa":
             x[:, L.noisy] = self.pixel_tokens(x_t) + temb[:, None]
             vis[:, L.noisy] = True
@@ -593,6 +657,9 @@ class UMM(nn.Module):
             src = patchify(self.check_image(source), self.cfg.patch)
             x[:, L.sem] = sem
             vis[:, L.sem] = keep_sem[:, None]
+            if self.cfg.dual_tokens:  # the codes are the same condition: dropped with it
+                x[:, L.codes] = self.code_tokens(source)
+                vis[:, L.codes] = keep_sem[:, None]
             x[:, L.clean] = self.pixel_tokens(src)
             vis[:, L.clean] = keep_pix[:, None]
             # Each noisy token also gets the kept source tokens of its own patch, as InstructPix2Pix

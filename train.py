@@ -177,7 +177,10 @@ PRESETS = {  # what --preset sets; explicit --key=value overrides win
                  log_every=100, num_workers=6),
 }
 
-# A recipe is a few lines of data and weights. Stages split max_steps by their fractions.
+# A recipe is a few lines of data and weights. Stages split max_steps by their fractions; a
+# stage's optional third item names the parameters it trains (prefixes), the rest held still.
+UNDERSTANDING_ENCODER = ("enc_in", "enc_pos", "encoder.", "enc_norm", "adapter", "sem_pos",
+                         "code_emb", "sem_cells")  # the ViT, adapter, code embeddings, probe head
 RECIPES = {
     "pretrain": dict(stages=[(1.0, "vqa:2,t2i:1,edit:1")], init=False),  # answers need most steps
     "uniedit": dict(stages=[(1.0, "uniedit:1")], init=True,  # the flow loss alone
@@ -187,6 +190,12 @@ RECIPES = {
     "mixed": dict(stages=[(1.0, "vqa:2,t2i:1,edit:1")], init=True),
     "staged": dict(stages=[(0.3, "vqa:1"), (0.3, "t2i:1,edit:1"), (0.4, "vqa:1,t2i:1,edit:1")],
                    init=False),
+    # UniToken's three stages (README, "UniToken's unified visual encoding"): (I) align the
+    # encoder, adapter and code embeddings on understanding with the trunk still, (II) joint
+    # understanding and generation, (III) instruction tuning, here intelligent edits + VQA
+    "unitoken": dict(stages=[(0.1, "vqa:1", UNDERSTANDING_ENCODER), (0.7, "vqa:2,t2i:1,edit:1"),
+                             (0.2, "vqa:1,uniedit:1")],
+                     init=False, model=dict(dual_tokens=True)),
 }
 
 
@@ -451,6 +460,9 @@ def peak_flops(cfg, device):
     return cfg.peak_tflops * 1e12 if cfg.peak_tflops else kernels.measured_matmul_flops(device)
 
 
+CODEBOOK_IMAGES = 1000  # training images whose patches fit dual_tokens' codebook
+
+
 def init_run(cfg, mcfg, run_dir, device, master):
     """(model, EMA weights, optimizer, first step): this run's newest checkpoint with --resume,
     else a fresh model (seeded by --seed), from --init_from's EMA weights when given."""
@@ -474,6 +486,15 @@ def init_run(cfg, mcfg, run_dir, device, master):
             raise ValueError(f"--init_from={cfg.init_from}: no checkpoint there (a step_* folder "
                              f"or a run folder)")
         load_weights(src, "ema.safetensors", model)  # tune from the EMA weights, as released
+    elif mcfg.dual_tokens:  # a fresh run fits its discrete tokenizer first (saved with the weights)
+        world = synth.get_world(cfg.world)
+        images = [synth.make_sample(world, "vqa", "train", i, cfg.seed)["image"]
+                  for i in range(CODEBOOK_IMAGES)]
+        err = model.fit_codebook(torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float()
+                                 .div(127.5).sub(1).to(device))
+        if master:
+            print(f"codebook: {mcfg.codebook} codes fitted to the patches of {len(images)} "
+                  f"training images, mean squared error {err:.2g} per value (pixels in [-1, 1])")
     if resume_from:
         ema_file = read_weights(resume_from, "ema.safetensors", model)  # checked as weights are
         ema = {k: v.to(device) for k, v in ema_file.items()}
@@ -851,13 +872,14 @@ def lr_at(cfg, step):
 
 
 def stage_at(cfg, step):
-    """(stage index, mix) of a step: each stage of the recipe takes its fraction of max_steps."""
+    """(stage index, mix, trained) of a step: each stage of the recipe takes its fraction of
+    max_steps; trained: the prefixes of the parameters it trains, () for all."""
     stages = RECIPES[cfg.recipe]["stages"]
     edge = 0.0
-    for i, (frac, mix) in enumerate(stages):
+    for i, (frac, mix, *trained) in enumerate(stages):
         edge += frac * cfg.max_steps
         if step < round(edge) or i == len(stages) - 1:
-            return i, (cfg.mix or mix)
+            return i, (cfg.mix or mix), tuple(*trained)
 
 
 def train(cfg, after_step=None):
@@ -865,7 +887,7 @@ def train(cfg, after_step=None):
     after each optimizer step (--bench times the loop with it)."""
     check_config(cfg)
     # the batch plan before any process group exists: a batch that cannot be split exits cleanly
-    mixes = [cfg.mix or mix for _, mix in RECIPES[cfg.recipe]["stages"]]
+    mixes = [cfg.mix or stage[1] for stage in RECIPES[cfg.recipe]["stages"]]
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     micro, accum = plan_micro_batch(cfg.batch_size, cfg.micro_batch, ranks, mixes)
     plan = f"batch {cfg.batch_size} = micro-batch {micro} x {ranks} rank(s) x accumulation {accum}"
@@ -903,12 +925,16 @@ def train(cfg, after_step=None):
     stage = None
     log = TrainLog(cfg, run_dir if master else None, device, world_size, start)
     for step in range(start, cfg.max_steps):
-        stage_now, mix = stage_at(cfg, step)
+        stage_now, mix, trained = stage_at(cfg, step)
         if stage_now != stage:  # a new stage (or the start) streams from this step's micro-batch
             stage = stage_now
             stream = Stream(cfg, mix, tok, mcfg)
             data = loader(stream, step * accum * world_size + rank, world_size, cfg.num_workers,
                           device)
+            # a stage that trains only some parameters holds the others still: their gradients
+            # are dropped before clipping, and AdamW skips a parameter without one (no decay)
+            held = [p for n, p in model.named_parameters()
+                    if p.requires_grad and trained and not n.startswith(trained)]
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         model.train()
@@ -930,6 +956,8 @@ def train(cfg, after_step=None):
         if world_size > 1:  # every rank sees the global loss, so all of them stop together on a NaN
             dist.all_reduce(step_loss)
             step_loss /= world_size
+        for p in held:
+            p.grad = None
         # grad_clip 0 clips at infinity: the norm is still computed (and logged), the gradients kept
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         step_loss, gnorm = torch.stack([step_loss.float(), gnorm.float()]).tolist()  # the wait

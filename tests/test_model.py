@@ -317,3 +317,66 @@ def test_the_cell_losses_are_on_by_weight_and_reach_only_their_paths():
     only_sem.loss(batch, noise)[0].backward()
     assert reached(only_sem.enc_in.weight) and reached(only_sem.sem_pos)
     assert not any(reached(p) for p in list(only_sem.blocks.parameters()) + list(only_sem.gen_cells.parameters()))
+
+
+# ----------------------------------------------------------------------------- dual_tokens (UniToken)
+
+def images(split, n):  # n vqa samples of a split and their images (n, 3, S, S) in [-1, 1]
+    found = [synth.make_sample("tiny", "vqa", split, i) for i in range(n)]
+    return found, torch.stack([torch.as_tensor(s["image"]).permute(2, 0, 1).float() / 127.5 - 1 for s in found])
+
+
+def test_codes_round_trip_every_training_patch_and_miss_only_the_held_out_objects():
+    model = tiny(dual_tokens=True)
+    assert model.fit_codebook(images("train", 1000)[1]) == 0.0
+    # one code per distinct training patch: 5 shapes x 8 colours x 2 sizes, less the 5 held-out
+    # (shape, colour) combos in 2 sizes, and the empty cell; the other codes lie outside [-1, 1]
+    assert int((model.codebook.abs() <= 1).all(1).sum()) == 71
+    _, val = images("val", 200)
+    assert torch.equal(model.decode_codes(model.encode_codes(val)), val)
+    # test_ood holds the combos no training image shows: exactly their cells come back as another object
+    ood, x = images("test_ood", 100)
+    heldout, missed = synth.get_world("tiny").heldout, 0
+    for s, img, back in zip(ood, x, model.decode_codes(model.encode_codes(x))):
+        for shape, color, size, r, c in s["scene"]:
+            cell = (slice(None), slice(16 * r, 16 * r + 16), slice(16 * c, 16 * c + 16))
+            assert torch.equal(back[cell], img[cell]) == ((shape, color) not in heldout)
+            missed += (shape, color) in heldout
+    assert missed > 20
+
+
+def dual_model():
+    torch.manual_seed(0)
+    model = tiny(dual_tokens=True)
+    model.fit_codebook(images("train", 300)[1])
+    randomize_flow_head(model)
+    return model
+
+
+@torch.no_grad()
+def test_dual_tokens_lay_an_image_out_as_unitoken_and_hide_its_codes_with_the_image():
+    model = dual_model()
+    V, E, n = model.layouts["vqa"], model.layouts["edit"], model.n
+    assert (V.T, E.T) == (tiny().layouts["vqa"].T + n + 3, tiny().layouts["edit"].T + n + 3)
+    batch = collate(samples("vqa", 2) + samples("edit", 2), model.cfg, TOK)
+    for L, tokens in ((V, batch["vqa"]["tokens"][0]), (E, batch["edit"]["tokens"][0])):
+        # BOS BOI [codes] SEP [semantic] EOI, then the text
+        assert (L.code_boi, L.codes, L.code_sep, L.sem, L.code_eoi) == (
+            slice(1, 2), slice(2, 2 + n), slice(2 + n, 3 + n), slice(3 + n, 3 + 2 * n), slice(3 + 2 * n, 4 + 2 * n))
+        assert tokens[:2].tolist() == [M.BOS, M.BOI] and tokens[L.code_sep].item() == M.SEP
+        assert tokens[L.code_eoi].item() == M.EOI and (L.kind[L.codes] == M.CODES).all()
+    mask = M.attention_mask(V.kind, torch.ones(1, V.T, dtype=torch.bool), False)[0, 0]  # (T, T)
+    assert mask[V.codes, V.codes].all() and not mask[V.codes, V.sem].any()  # bidirectional; sem comes later
+    assert mask[V.sem, V.codes].all() and mask[V.text, V.codes].all()
+    # the codes reach the answer; an edit's codes are dropped with its semantic source
+    vqa, edit = batch["vqa"], batch["edit"]
+    assert changed(logits_with_bump(model, "vqa", vqa), logits_with_bump(model, "vqa", vqa, V.codes.start))[V.answer].all()
+    moved = changed(logits_with_bump(model, "edit", edit), logits_with_bump(model, "edit", edit, E.codes.start))
+    assert moved[E.noisy].all()
+    dropped = changed(logits_with_bump(model, "edit", edit, keep_sem=False),
+                      logits_with_bump(model, "edit", edit, E.codes.start, keep_sem=False))
+    assert dropped.nonzero().flatten().tolist() == [E.codes.start]  # no other position sees it
+    # KV-cache decoding and sampling run on the longer layouts
+    assert torch.equal(model.generate_text(vqa, 4), model.generate_text(vqa, 4, use_cache=False))
+    assert model.sample("edit", edit, steps=2).shape == edit["source"].shape
+    assert model.flops_per_sample("vqa") > tiny().flops_per_sample("vqa")

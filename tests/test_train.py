@@ -22,6 +22,7 @@ import eval as ev
 import kernels
 import synth
 import train
+from model import collate, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--device=cpu", "--width=64", "--batch_size=8", "--micro_batch=8", "--max_steps=4", "--warmup=2",
@@ -520,3 +521,31 @@ def test_a_short_tiny_run_answers_color_questions_better_than_the_blind_chance_r
     lo = np.percentile(right[np.random.default_rng(0).integers(0, len(right), (1000, len(right)))]
                        .mean(1), 2.5)
     assert lo > blind, (right.mean(), blind)
+
+
+def test_unitoken_stage_one_trains_only_the_encoder_side_and_its_checkpoint_round_trips(tmp_path):
+    out = run(tmp_path, "--name=u", "--recipe=unitoken", "--max_steps=20", "--keep=0")
+    stages = [json.loads(x)["stage"] for x in open(os.path.join(out, "log.jsonl")) if "grad_norm" in x]
+    assert stages == [0] * 2 + [1] * 14 + [2] * 4  # 10%, 70%, 20% of the steps
+    cfg = train.parse_args(FAST + ["--recipe=unitoken"])
+    mcfg = train.model_config(cfg, synth.get_tokenizer("tiny").get_vocab_size())
+    assert mcfg.dual_tokens
+    torch.manual_seed(0)  # the run's initial weights, as init_run makes them
+    init = train.UMM(mcfg).state_dict()
+    step = {s: load_file(os.path.join(out, f"step_{s:06d}/model.safetensors")) for s in (2, 4, 20)}
+    encoder_side = {k for k in init if k.startswith(train.UNDERSTANDING_ENCODER)}
+    assert {"enc_in.weight", "adapter.0.weight", "code_emb.weight", "sem_cells.weight"} <= encoder_side
+    moved = {k for k in init if k != "codebook" and not torch.equal(step[2][k], init[k])}
+    assert moved and moved <= encoder_side  # stage I: the trunk, LM head and flow head byte-equal
+    assert not torch.equal(step[4]["blocks.0.und.qkv.weight"], init["blocks.0.und.qkv.weight"])  # stage II: all
+    # the fitted codebook is saved with the weights and its EMA, unchanged by training
+    ema = load_file(os.path.join(out, "step_000020/ema.safetensors"))
+    assert (step[20]["codebook"].abs() <= 1).all(1).sum() == 71
+    assert torch.equal(step[2]["codebook"], step[20]["codebook"]) and torch.equal(ema["codebook"], step[20]["codebook"])
+    # load_checkpoint rebuilds the dual_tokens model with every saved tensor, the codebook included
+    model, tok, meta = load_checkpoint(out, weights="model")
+    assert model.cfg.dual_tokens and meta["step"] == 20
+    assert all(torch.equal(v, step[20][k]) for k, v in model.state_dict().items())
+    vqa = collate([synth.make_sample("tiny", "vqa", "val", i) for i in range(4)], model.cfg, tok)["vqa"]
+    assert torch.equal(model.decode_codes(model.encode_codes(vqa["sem"])), vqa["sem"])
+    assert model.generate_text(vqa).shape == (4, model.cfg.answer_len)
