@@ -104,6 +104,11 @@ class UMMConfig:
     # (sem_cells) and from the trunk's outputs at the noisy image it generates (gen_cells).
     sem_cell_weight: float = 1.0
     gen_cell_weight: float = 1.0
+    # Caption -> layout: a head on the trunk's output at the BOI before the noisy image, which has
+    # read the text (and an edit's semantic source) but no pixel it generates, names every cell of
+    # the target. It asks the trunk to decide where things go before denoising; 0: off (and no
+    # head: a checkpoint's config says whether it has one).
+    layout_weight: float = 0.0
     t_mean: float = 1.0  # training times t = sigmoid(N(t_mean, 1)); > 0: more of them near noise
     t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
     x_loss: bool = False  # the flow MSE on x_0 (= the v-loss times t^2) instead of on v
@@ -562,6 +567,9 @@ class UMM(nn.Module):
         self.sem_cells = nn.Linear(C, sum(CELL_CLASSES), bias=False)
         self.gen_cells = nn.Sequential(RMSNorm(C, cfg.kernels),
                                        nn.Linear(C, sum(CELL_CLASSES), bias=False))
+        if cfg.layout_weight > 0:  # (only then: checkpoints without it still load)
+            self.layout = nn.Sequential(RMSNorm(C, cfg.kernels),  # one vector -> each patch's cell
+                                        nn.Linear(C, self.n * sum(CELL_CLASSES), bias=False))
         # flow head, with the optional refiner whose CLS output conditions it
         self.refiner = nn.ModuleList([Block(cfg) for _ in range(cfg.refiner_layers)])
         self.cls = nn.Parameter(torch.randn(C) * 0.02) if cfg.refiner_layers else None
@@ -748,6 +756,9 @@ class UMM(nn.Module):
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD)
         return ce, x[:, L.sem]
 
+    def layout_cells(self, boi):  # trunk outputs at BOI (B, 1, C) -> (B, N, sum(CELL_CLASSES))
+        return self.layout(boi).view(boi.shape[0], self.n, -1)
+
     def cell_loss(self, head, features, labels, weight):
         """CE over the three attributes of every cell, averaged with weights (B, N): head
         (C -> sum(CELL_CLASSES)) on features (B, N, C) against labels (B, N, 3)."""
@@ -766,7 +777,8 @@ class UMM(nn.Module):
 
     def flow_errors(self, task, sub, noise):
         """Per-sample flow MSE (B,) of a 't2i' or 'edit' sub-batch; with the semantic source
-        tokens (B, N, C) (edit) and the trunk's outputs at the noisy tokens (B, N, C)."""
+        tokens (B, N, C) (edit), the trunk's outputs at the noisy tokens (B, N, C) and at the BOI
+        before them (B, 1, C)."""
         L = self.layouts[task]
         x0 = patchify(self.check_image(sub["target"]), self.cfg.patch)  # (B, N, 3 p p)
         t, eps, u = noise
@@ -783,12 +795,14 @@ class UMM(nn.Module):
         err = (weight * (v.float() - (eps - x0)).pow(2)).mean(2)  # (B, N)
         source = patchify(sub["source"], self.cfg.patch) if task == "edit" else None
         w = self.change_weights(x0, source)  # (B, N)
-        return (w * err).sum(1) / w.sum(1), x[:, L.sem], h[:, L.noisy]
+        return (w * err).sum(1) / w.sum(1), x[:, L.sem], h[:, L.noisy], h[:, L.boi]
 
     def loss(self, batch, noise=None):
         """(total, parts): CE over vqa answer tokens, flow MSE over noisy tokens, and the per-cell
         attribute CEs 'sem_cells' (semantic tokens: vqa image, edit source) and 'gen_cells' (trunk
-        outputs at noisy tokens: the target) when their weights are > 0 and the batch has labels;
+        outputs at noisy tokens: the target), and 'layout' (the trunk's output at the BOI before
+        the noisy image: the target's cells from the conditions alone) when their weights are > 0
+        and the batch has labels;
         parts are detached and hold a loss only when the batch has its task, plus 'flow_t<k>' =
         flow loss with t in [k/4, (k+1)/4) (NaN when no sample's t fell in that bin).
         noise: from draw_noise(batch), drawn here if not given."""
@@ -796,7 +810,7 @@ class UMM(nn.Module):
         parts = {}
         total = 0.0
         noise = self.draw_noise(batch) if noise is None else noise
-        sem, gen = [], []  # (features, labels, weights) of the images the attribute heads read
+        sem, gen, layout = [], [], []  # (features, labels, weights) for the attribute heads
         if "vqa" in batch:
             sub = batch["vqa"]
             ce, sem_tokens = self.answer_loss(sub)
@@ -809,14 +823,15 @@ class UMM(nn.Module):
             errs = []
             for task in tasks:
                 sub = batch[task]
-                err, sem_tokens, noisy_out = self.flow_errors(task, sub, noise[task])
+                err, sem_tokens, noisy_out, boi_out = self.flow_errors(task, sub, noise[task])
                 errs.append(err)
                 if "source_cells" in sub:
                     sem.append((sem_tokens, sub["source_cells"],
                                 self.change_weights(sub["source_cells"])))
                 if "target_cells" in sub:  # an edit's changed cells weigh change_weight
-                    gen.append((noisy_out, sub["target_cells"],
-                                self.change_weights(sub["target_cells"], sub.get("source_cells"))))
+                    w = self.change_weights(sub["target_cells"], sub.get("source_cells"))
+                    gen.append((noisy_out, sub["target_cells"], w))
+                    layout.append((boi_out, sub["target_cells"], w))
             err = torch.cat(errs)
             t = torch.cat([noise[task][0] for task in tasks])  # (B_gen,)
             flow = err.mean()
@@ -829,7 +844,8 @@ class UMM(nn.Module):
             for k in range(4):
                 parts[f"flow_t{k}"] = per_bin[k]
         for name, weight, head, pairs in (("sem_cells", cfg.sem_cell_weight, self.sem_cells, sem),
-                                          ("gen_cells", cfg.gen_cell_weight, self.gen_cells, gen)):
+                                          ("gen_cells", cfg.gen_cell_weight, self.gen_cells, gen),
+                                          ("layout", cfg.layout_weight, self.layout_cells, layout)):
             if weight > 0 and pairs:
                 cells = self.cell_loss(head, *(torch.cat(part) for part in zip(*pairs)))
                 total = total + weight * cells
@@ -940,6 +956,7 @@ class UMM(nn.Module):
                             + weights(self.lm_head) * n_answer
                             + weights(self.sem_cells) * n_sem * (cfg.sem_cell_weight > 0)
                             + weights(self.gen_cells) * n_gen * (cfg.gen_cell_weight > 0)
+                            + (weights(self.layout) * (n_gen > 0) if cfg.layout_weight > 0 else 0)
                             + weights(self.refiner) * P
                             + (weights(self.head, self.to_pixels) - ada) * n_gen
                             + (ada + weights(self.t_mlp)) * (n_gen > 0))

@@ -736,7 +736,7 @@ def run_header(run_dir, cfg, model, plan, device, use_compile, start, peak):
 
 
 LOGGED = ("ce", "flow", "flow_t0", "flow_t1", "flow_t2", "flow_t3",  # flow_tk: t in [k/4, (k+1)/4)
-          "sem_cells", "gen_cells")
+          "sem_cells", "gen_cells", "layout")
 
 
 class TrainLog:

@@ -380,3 +380,22 @@ def test_dual_tokens_lay_an_image_out_as_unitoken_and_hide_its_codes_with_the_im
     assert torch.equal(model.generate_text(vqa, 4), model.generate_text(vqa, 4, use_cache=False))
     assert model.sample("edit", edit, steps=2).shape == edit["source"].shape
     assert model.flops_per_sample("vqa") > tiny().flops_per_sample("vqa")
+
+
+def test_the_layout_loss_reads_the_conditions_but_no_pixel_of_the_image_it_names():
+    torch.manual_seed(0)
+    model = tiny(layout_weight=1.0, ce_weight=0.0, flow_weight=0.0, sem_cell_weight=0.0, gen_cell_weight=0.0)
+    assert not hasattr(tiny(), "layout")  # off: no head, so checkpoints without one still load
+    batch = collate(samples("t2i", 2) + samples("edit", 2), model.cfg, TOK)
+    noise = model.draw_noise(batch)
+    total, parts = model.loss(batch, noise)
+    chance = sum(torch.log(torch.tensor(float(k))) for k in M.CELL_CLASSES) / 3
+    assert set(parts) >= {"layout"} and "gen_cells" not in parts and abs(parts["layout"] - chance) < 0.3
+    torch.testing.assert_close(total, parts["layout"])
+    # the BOI output it reads has seen the caption (and an edit's semantic source), not the noisy target
+    # nor the clean pixel source after it: its gradient reaches neither the pixel embedding nor the head
+    total.backward()
+    reached = lambda p: p.grad is not None and bool(p.grad.any())
+    assert reached(model.tok_emb.weight) and reached(model.enc_in.weight) and reached(model.blocks[0].und.qkv.weight)
+    assert not reached(model.pix_in.weight) and not reached(model.t_mlp[0].weight)
+    assert not any(reached(p) for p in model.head.parameters())
