@@ -35,7 +35,7 @@ SMALL="--preset=small --compile=0 --flex=0"
 say "bench tiny"; ms_tiny=$(bench --bench=30 $TINY)
 say "bench small"; ms_small=$(bench --bench=20 $SMALL)
 say "ms/step tiny=$ms_tiny small=$ms_small"
-cat $R/bench.txt | grep '^|'
+grep "^|" $R/bench.txt
 
 # 2. both runs at once: each gets about half the GPU, so the step time is doubled in the sizing
 steps() { python3 -c "import sys; ms = float(sys.argv[1] or 1e9); print(max(500, min(int(sys.argv[2]), int(float(sys.argv[3]) * 1000 / (2 * ms)) // 100 * 100)))" "$1" "$2" "$TRAIN_S"; }
