@@ -868,11 +868,14 @@ def compare(folder, rows):
     if not os.path.isdir(folder):
         raise ValueError(f"--compare folder {folder} does not exist")
     runs, results = {}, {}
-    for row in rows:
-        seeded = [d.rpartition("_s") for d in sorted(os.listdir(folder))]  # <row>_s<seed>
-        runs[row] = [f"{r}_s{seed}" for r, _, seed in seeded if r == row and seed.isdigit()]
+    for row in rows:  # a row may sit in a subfolder: "unitoken/continuous"
+        sub, _, name = row.rpartition("/")
+        where = os.path.join(folder, sub) if sub else folder
+        seeded = [d.rpartition("_s") for d in sorted(os.listdir(where))] if os.path.isdir(where) else []
+        runs[row] = [os.path.join(sub, f"{r}_s{seed}") for r, _, seed in seeded  # <row>_s<seed>
+                     if r == name and seed.isdigit()]
         if not runs[row]:
-            raise ValueError(f"no {row}_s<seed> folders in {folder}")
+            raise ValueError(f"no {name}_s<seed> folders in {where}")
         for run in runs[row]:
             for split in ("val", "test_ood"):
                 results[run, split] = read_result(os.path.join(folder, run, f"eval_{split}.json"))
@@ -947,7 +950,8 @@ def main(argv=None):
                    "mean ± std over seeds, of FOLDER/<row>_s<seed>/eval_{val,test_ood}.json "
                    "for --rows")
     p.add_argument("--rows", default="base,simple_edit,mixed,uniedit",
-                   help="--compare's rows, comma-separated")
+                   help="--compare's rows, comma-separated; a row may name a subfolder "
+                   "of FOLDER, e.g. unitoken/continuous")
     p.add_argument("--weights", default="ema", help="ema (default) or model (the raw weights)")
     p.add_argument("--split", default="val", choices=("val", "test", "test_ood", "train"))
     p.add_argument("--n", type=int, default=1000, help="VQA questions")

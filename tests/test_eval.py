@@ -426,6 +426,18 @@ def test_compare_gives_mean_std_chance_rows_and_paired_differences(tmp_path, cap
     assert diff[8] == "+0.000 [+0.000, +0.000]"  # identical intelligent-edit success: no difference
 
 
+def test_compare_reads_rows_from_subfolders_so_experiments_share_a_baseline(tmp_path, capsys):
+    write_runs(tmp_path / "first", "base", [([1, 0, 0, 0], [0, 0, 0, 0])])
+    write_runs(tmp_path / "second", "lever", [([1, 1, 1, 0], [0, 0, 0, 0])])
+    ev.main(["--compare", str(tmp_path), "--rows", "first/base,second/lever"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| first/base | 1 | 0.250 |")
+    assert lines[3].startswith("| second/lever | 1 | 0.750 |")
+    assert lines[-1].split(" | ")[2].startswith("+0.500 [")
+    assert f"no lever_s<seed> folders in {tmp_path / 'first'}" in one_line_error(
+        "--compare", str(tmp_path), "--rows", "first/base,first/lever")
+
+
 def test_compare_refuses_missing_stale_or_truncated_results_naming_the_file(tmp_path):
     assert f"--compare folder {tmp_path / 'none'} does not exist" in one_line_error(
         "--compare", str(tmp_path / "none"), "--rows", "base")
