@@ -97,6 +97,10 @@ class UMMConfig:
     kernels: bool = False  # kernels.py's fused Triton ops (CUDA or TRITON_INTERPRET=1), else torch
     rope_base: float = 10000.0
     rope_2d: bool = True  # image tokens turn by their (row, column), not by their sequence place
+    # The init std of the learned row and column embeddings added to image tokens (enc_pos,
+    # sem_pos, pix_pos). At 0.02 a noisy token's position is ~4% of its norm, buried under the
+    # noise it carries at high t; larger starts it on par with the content.
+    pos_std: float = 0.02
     ce_weight: float = 1.0  # total = ce_weight * ce + flow_weight * flow; 0 is flow-only
     flow_weight: float = 1.0
     # Per-cell attribute losses (README, "What it takes to learn the shapes world"): linear heads
@@ -131,6 +135,9 @@ class UMMConfig:
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(f"width={self.width} must split into heads={self.heads} "
                              f"of even size (for RoPE)")
+        if self.pos_std < 0:
+            raise ValueError(f"pos_std={self.pos_std} must be >= 0 (the init std of the row and "
+                             f"column embeddings)")
         if self.codebook < 1:
             raise ValueError(f"codebook={self.codebook} must be >= 1 (codes per patch tokenizer)")
         if self.change_weight <= 0:
@@ -541,18 +548,18 @@ class UMM(nn.Module):
             self.register_buffer(f"sin_{task}", angles.sin(), persistent=False)
         # semantic path: ViT encoder over clean patches, then the adapter into the trunk
         self.enc_in = nn.Linear(pd, C, bias=False)
-        self.enc_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)  # row and column embeddings
+        self.enc_pos = nn.Parameter(torch.randn(2, g, C) * cfg.pos_std)  # row, column embeddings
         self.encoder = nn.ModuleList([Block(cfg) for _ in range(cfg.enc_depth)])
         self.enc_norm = RMSNorm(C, cfg.kernels)
         self.adapter = nn.Sequential(nn.Linear(C, C, bias=False), nn.GELU(),
                                      nn.Linear(C, C, bias=False))
-        self.sem_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)  # the cell's row and column again
+        self.sem_pos = nn.Parameter(torch.randn(2, g, C) * cfg.pos_std)  # the cell again
         if cfg.dual_tokens:  # the discrete half: a patch's nearest codebook entry, embedded
             self.register_buffer("codebook", torch.zeros(cfg.codebook, pd))  # fit_codebook fills it
             self.code_emb = nn.Embedding(cfg.codebook, C)
         # pixel path
         self.pix_in = nn.Linear(pd, C, bias=False)
-        self.pix_pos = nn.Parameter(torch.randn(2, g, C) * 0.02)
+        self.pix_pos = nn.Parameter(torch.randn(2, g, C) * cfg.pos_std)
         # the edit source at each noisy token's own patch (see embed)
         self.src_pix = nn.Linear(pd, C, bias=False)
         self.src_sem = nn.Linear(C, C, bias=False)
