@@ -238,6 +238,8 @@ def test_bad_inputs_get_one_line_errors():
         UMMConfig(width=128, heads=3)
     with pytest.raises(ValueError, match="patch=5"):
         UMMConfig(image_size=32, patch=5)
+    with pytest.raises(ValueError, match="pos_std=-1"):
+        UMMConfig(pos_std=-1)
     with pytest.raises(ValueError, match="vocab_size"):
         UMM(UMMConfig.preset("tiny"))
     with pytest.raises(ValueError, match="preset"):
@@ -399,3 +401,11 @@ def test_the_layout_loss_reads_the_conditions_but_no_pixel_of_the_image_it_names
     assert reached(model.tok_emb.weight) and reached(model.enc_in.weight) and reached(model.blocks[0].und.qkv.weight)
     assert not reached(model.pix_in.weight) and not reached(model.t_mlp[0].weight)
     assert not any(reached(p) for p in model.head.parameters())
+
+
+def test_pos_std_sets_the_scale_of_every_row_and_column_embedding():
+    for std in (0.02, 0.5):
+        torch.manual_seed(0)
+        model = tiny(pos_std=std)
+        for table in (model.enc_pos, model.sem_pos, model.pix_pos):  # 2 x 4 x 128 draws each
+            assert abs(table.std().item() / std - 1) < 0.1
