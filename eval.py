@@ -871,7 +871,8 @@ def compare(folder, rows):
     for row in rows:  # a row may sit in a subfolder: "unitoken/continuous"
         sub, _, name = row.rpartition("/")
         where = os.path.join(folder, sub) if sub else folder
-        seeded = [d.rpartition("_s") for d in sorted(os.listdir(where))] if os.path.isdir(where) else []
+        names = sorted(os.listdir(where)) if os.path.isdir(where) else []
+        seeded = [d.rpartition("_s") for d in names]
         runs[row] = [os.path.join(sub, f"{r}_s{seed}") for r, _, seed in seeded  # <row>_s<seed>
                      if r == name and seed.isdigit()]
         if not runs[row]:

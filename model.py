@@ -98,8 +98,9 @@ class UMMConfig:
     rope_base: float = 10000.0
     rope_2d: bool = True  # image tokens turn by their (row, column), not by their sequence place
     # The init std of the learned row and column embeddings added to image tokens (enc_pos,
-    # sem_pos, pix_pos). At 0.02 a noisy token's position is ~4% of its norm, buried under the
-    # noise it carries at high t; larger starts it on par with the content.
+    # sem_pos, pix_pos). At 0.02 a noisy token's position is ~4% of its norm at t = 1 and stays
+    # so in training; 0.5 (on par with the content) cost generation and did not help position
+    # questions (README, "More levers").
     pos_std: float = 0.02
     ce_weight: float = 1.0  # total = ce_weight * ce + flow_weight * flow; 0 is flow-only
     flow_weight: float = 1.0
