@@ -875,8 +875,10 @@ def compare(folder, rows):
         seeded = [d.rpartition("_s") for d in names]
         runs[row] = [os.path.join(sub, f"{r}_s{seed}") for r, _, seed in seeded  # <row>_s<seed>
                      if r == name and seed.isdigit()]
+        if os.path.isfile(os.path.join(folder, row, "eval_val.json")):  # <row> itself: one run
+            runs[row] = [row]
         if not runs[row]:
-            raise ValueError(f"no {name}_s<seed> folders in {where}")
+            raise ValueError(f"no {name}_s<seed> folders and no {name} folder in {where}")
         for run in runs[row]:
             for split in ("val", "test_ood"):
                 results[run, split] = read_result(os.path.join(folder, run, f"eval_{split}.json"))
@@ -949,7 +951,7 @@ def main(argv=None):
     p.add_argument("--world", default="tiny", help="--baseline's world")
     p.add_argument("--compare", metavar="FOLDER", help="instead of scoring: print the table, "
                    "mean ± std over seeds, of FOLDER/<row>_s<seed>/eval_{val,test_ood}.json "
-                   "for --rows")
+                   "for --rows; a FOLDER/<row> holding eval_val.json is one run instead")
     p.add_argument("--rows", default="base,simple_edit,mixed,uniedit",
                    help="--compare's rows, comma-separated; a row may name a subfolder "
                    "of FOLDER, e.g. unitoken/continuous")

@@ -6,6 +6,7 @@ evaluate() and the CLI run on a 2-step checkpoint of a narrow model, made once f
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -434,16 +435,30 @@ def test_compare_reads_rows_from_subfolders_so_experiments_share_a_baseline(tmp_
     assert lines[2].startswith("| first/base | 1 | 0.250 |")
     assert lines[3].startswith("| second/lever | 1 | 0.750 |")
     assert lines[-1].split(" | ")[2].startswith("+0.500 [")
-    assert f"no lever_s<seed> folders in {tmp_path / 'first'}" in one_line_error(
+    assert f"no lever_s<seed> folders and no lever folder in {tmp_path / 'first'}" in one_line_error(
         "--compare", str(tmp_path), "--rows", "first/base,first/lever")
+
+
+def test_compare_takes_a_folder_holding_eval_files_as_one_run(tmp_path, capsys):
+    write_runs(tmp_path, "base", [([1, 0, 0, 0], [0, 0, 0, 0]), ([1, 1, 0, 0], [0, 0, 0, 0])])
+    write_runs(tmp_path / "single", "x", [([1, 1, 1, 0], [0, 0, 0, 0])])
+    os.rename(tmp_path / "single" / "x_s0", tmp_path / "lever")  # eval files straight in lever/
+    ev.main(["--compare", str(tmp_path), "--rows", "lever,base"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| lever | 1 | 0.750 |")
+    assert lines[3].startswith("| base | 2 | 0.375 ± 0.177 |")
+    assert lines[-1].split(" | ")[2].startswith("-0.375 [")
+    shutil.copytree(tmp_path / "lever", tmp_path / "base")  # a base/ with its own eval files
+    ev.main(["--compare", str(tmp_path), "--rows", "lever,base"])  # is read before base_s0, _s1
+    assert capsys.readouterr().out.splitlines()[3].startswith("| base | 1 | 0.750 |")
 
 
 def test_compare_refuses_missing_stale_or_truncated_results_naming_the_file(tmp_path):
     assert f"--compare folder {tmp_path / 'none'} does not exist" in one_line_error(
         "--compare", str(tmp_path / "none"), "--rows", "base")
     write_runs(tmp_path, "base", [([1, 0, 0, 0], [0, 0, 0, 0])])
-    assert f"no uniedit_s<seed> folders in {tmp_path}" in one_line_error("--compare", str(tmp_path),
-                                                                         "--rows", "base,uniedit")
+    assert f"no uniedit_s<seed> folders and no uniedit folder in {tmp_path}" in one_line_error(
+        "--compare", str(tmp_path), "--rows", "base,uniedit")
     val = tmp_path / "base_s0" / "eval_val.json"
     json.dump({"understanding": {"accuracy": 0.5}}, open(val, "w"))  # by an older eval.py
     assert f"{val} has no 'counts'" in one_line_error("--compare", str(tmp_path), "--rows", "base")
