@@ -70,7 +70,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 32  # global, in samples
     micro_batch: int = 32  # per rank and pass; accumulation = batch_size / (micro_batch x ranks)
-    max_steps: int = 3600  # the quickstart: ~13 min on 2 CPU cores (README); the base trains 16,000
+    max_steps: int = 3600  # the quickstart: 8-13 min on 2 CPU cores (README); the base trains 16,000
     lr: float = 6e-4  # 3e-4 before: 6e-4 lifted the 16,000-step base on all but intelligent edits
     min_lr: float = 3e-5  # the cosine schedule's end, at max_steps
     warmup: int = 100  # steps of linear warm-up
