@@ -871,12 +871,13 @@ def compare(folder, rows):
     for row in rows:  # a row may sit in a subfolder: "unitoken/continuous"
         sub, _, name = row.rpartition("/")
         where = os.path.join(folder, sub) if sub else folder
-        names = sorted(os.listdir(where)) if os.path.isdir(where) else []
-        seeded = [d.rpartition("_s") for d in names]
-        runs[row] = [os.path.join(sub, f"{r}_s{seed}") for r, _, seed in seeded  # <row>_s<seed>
-                     if r == name and seed.isdigit()]
         if os.path.isfile(os.path.join(folder, row, "eval_val.json")):  # <row> itself: one run
             runs[row] = [row]
+        else:  # its seeds, <row>_s<seed>
+            names = sorted(os.listdir(where)) if os.path.isdir(where) else []
+            seeded = [d.rpartition("_s") for d in names]
+            runs[row] = [os.path.join(sub, f"{r}_s{seed}") for r, _, seed in seeded
+                         if r == name and seed.isdigit()]
         if not runs[row]:
             raise ValueError(f"no {name}_s<seed> folders and no {name} folder in {where}")
         for run in runs[row]:
