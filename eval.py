@@ -3,7 +3,7 @@
     python eval.py --ckpt out/pretrain            # a run's newest checkpoint, EMA weights, val
     python eval.py --ckpt out/pretrain/step_003600 --split test_ood --out results/ood.json
     python eval.py --baseline universal           # a chance row: a trivial model on the same sets
-    python eval.py --compare results --rows base,uniedit   # mean ± std over seeds, differences
+    python eval.py --compare results/uniedit2/dense --rows base,uniedit   # mean ± std, differences
     python eval.py -h                             # every count and sampling knob
 
 The sets are synth.make_sample(world, task, split, i) with data seed 0, so every checkpoint of a
