@@ -72,6 +72,7 @@ class TrainConfig:
     micro_batch: int = 32  # per rank and pass; accumulation = batch_size / (micro_batch x ranks)
     max_steps: int = 3600  # the quickstart: 8-13 min on 2 CPU cores (README); the base trains 16,000
     lr: float = 6e-4  # 3e-4 before: 6e-4 lifted the 16,000-step base on all but intelligent edits
+    gen_lr_scale: float = 1.0  # the generation side's lr (GENERATION_SIDE) as a multiple of lr
     min_lr: float = 3e-5  # the cosine schedule's end, at max_steps
     warmup: int = 100  # steps of linear warm-up
     weight_decay: float = 0.05  # AdamW's, on matrices only
@@ -110,6 +111,7 @@ VALID = {
     "micro_batch": at_least(1),
     "max_steps": at_least(1),
     "lr": at_least(0),
+    "gen_lr_scale": at_least(0),
     "min_lr": at_least(0),  # and at most lr, checked apart
     "warmup": at_least(0),
     "weight_decay": at_least(0),
@@ -181,6 +183,17 @@ PRESETS = {  # what --preset sets; explicit --key=value overrides win
 # stage's optional third item names the parameters it trains (prefixes), the rest held still.
 UNDERSTANDING_ENCODER = ("enc_in", "enc_pos", "encoder.", "enc_norm", "adapter", "sem_pos",
                          "code_emb", "sem_cells")  # the ViT, adapter, code embeddings, probe head
+# The weights only the flow path uses: its input and source projections, time embedding,
+# per-cell and layout heads, refiner and flow head, and under MoT each block's `gen` expert.
+# --gen_lr_scale sets their learning rate apart from the trunk's and the understanding side's.
+GENERATION_SIDE = ("pix_in", "pix_pos", "src_pix", "src_sem", "t_mlp", "gen_cells", "layout",
+                   "refiner.", "cls", "head", "to_pixels")
+
+
+def generation_side(name):
+    return name.startswith(GENERATION_SIDE) or ".gen." in name
+
+
 RECIPES = {
     "pretrain": dict(stages=[(1.0, "vqa:2,t2i:1,edit:1")], init=False),  # answers need most steps
     "uniedit": dict(stages=[(1.0, "uniedit:1")], init=True,  # the flow loss alone
@@ -500,11 +513,15 @@ def init_run(cfg, mcfg, run_dir, device, master):
         ema = {k: v.to(device) for k, v in ema_file.items()}
     else:
         ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    # matrices decay; the 1-D norms and embeddings don't
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
+    # matrices decay; the 1-D norms and embeddings don't. Each group's lr is the schedule's
+    # times its lr_scale: the generation side's can differ (--gen_lr_scale)
+    groups = []
+    for gen, scale in ((False, 1.0), (True, cfg.gen_lr_scale)):
+        params = [p for n, p in model.named_parameters() if generation_side(n) == gen]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "lr_scale": scale,
+                    "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in params if p.dim() < 2], "lr_scale": scale,
+                    "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
     if resume_from:
         try:
@@ -936,7 +953,7 @@ def train(cfg, after_step=None):
             held = [p for n, p in model.named_parameters()
                     if p.requires_grad and trained and not n.startswith(trained)]
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = lr_at(cfg, step) * g["lr_scale"]
         model.train()
         step_loss = torch.zeros((), device=device)  # on the device until the step's one wait
         for a in range(accum):

@@ -64,7 +64,7 @@ def test_parse_args_types_unknown_keys_and_help():
 # One out-of-range value per numeric key of TrainConfig, and what the error says the key must be.
 BAD = [("seed", -1, ">= 0"), ("num_workers", -1, ">= 0"), ("batch_size", 0, ">= 1"),
        ("batch_size", -32, ">= 1"), ("micro_batch", 0, ">= 1"), ("max_steps", -5, ">= 1"),
-       ("lr", math.nan, ">= 0"), ("lr", math.inf, ">= 0"), ("min_lr", -1e-5, ">= 0"),
+       ("lr", math.nan, ">= 0"), ("lr", math.inf, ">= 0"), ("gen_lr_scale", -1.0, ">= 0"), ("min_lr", -1e-5, ">= 0"),
        ("warmup", -1, ">= 0"), ("weight_decay", -0.1, ">= 0"), ("beta2", 1.0, "in [0, 1)"),
        ("grad_clip", -1.0, ">= 0 (0: no clipping)"), ("ema", 2.0, "in [0, 1)"),
        ("ema", 1.0, "in [0, 1)"),
@@ -91,7 +91,8 @@ def test_every_numeric_key_has_a_range_and_the_edges_and_zeros_pass():
     assert set(train.VALID) == numeric == {key for key, _, _ in BAD}
     edges = [("ema", 0.0), ("beta2", 0.0), ("keep", 0), ("grad_clip", 0.0), ("save_every", 0),
              ("log_every", 0), ("width", 32), ("src_pixel_dropout", -1.0),
-             ("src_pixel_dropout", 1.0), ("compile", -1), ("lr", 0.0), ("min_lr", 0.0)]
+             ("src_pixel_dropout", 1.0), ("compile", -1), ("lr", 0.0), ("min_lr", 0.0),
+             ("gen_lr_scale", 0.0)]
     for key, value in edges:
         train.check_config(train.TrainConfig(**{"min_lr": 0.0, key: value}))
 
@@ -549,3 +550,27 @@ def test_unitoken_stage_one_trains_only_the_encoder_side_and_its_checkpoint_roun
     vqa = collate([synth.make_sample("tiny", "vqa", "val", i) for i in range(4)], model.cfg, tok)["vqa"]
     assert torch.equal(model.decode_codes(model.encode_codes(vqa["sem"])), vqa["sem"])
     assert model.generate_text(vqa).shape == (4, model.cfg.answer_len)
+
+
+@pytest.mark.parametrize("mot", [0, 1])
+def test_gen_lr_scale_sets_the_generation_sides_lr_apart(tmp_path, mot):
+    """--gen_lr_scale multiplies the lr of GENERATION_SIDE (and MoT's `gen` experts) alone: at 0
+    those weights stay byte-equal to the initial ones while the trunk and understanding side
+    train; at 1 the run equals one without the key."""
+    held = run(tmp_path, "--name=held", f"--mot={mot}", "--gen_lr_scale=0", "--keep=0")
+    plain = run(tmp_path, "--name=plain", f"--mot={mot}", "--keep=0")
+    one = run(tmp_path, "--name=one", f"--mot={mot}", "--gen_lr_scale=1", "--keep=0")
+    cfg = train.parse_args(FAST + [f"--mot={mot}"])
+    torch.manual_seed(0)  # the run's initial weights, as init_run makes them
+    init = train.UMM(train.model_config(cfg, synth.get_tokenizer("tiny").get_vocab_size())).state_dict()
+    end = load_file(os.path.join(held, "step_000004/model.safetensors"))
+    gen = {k for k in init if train.generation_side(k)}
+    assert {"to_pixels.weight", "pix_in.weight", "t_mlp.0.weight"} <= gen
+    assert ("blocks.0.gen.qkv.weight" in gen) == bool(mot)
+    assert not {k for k in init if k.startswith(("blocks.0.und.", "lm_head", "enc_in"))} & gen
+    moved = {k for k in init if not torch.equal(end[k], init[k])}
+    assert moved and not moved & gen  # the generation side byte-equal, the rest trained
+    assert "blocks.0.und.qkv.weight" in moved and "lm_head.weight" in moved
+    assert losses(one) == losses(plain)
+    a, b = (load_file(os.path.join(d, "step_000004/model.safetensors")) for d in (one, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
