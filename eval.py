@@ -880,10 +880,13 @@ def compare(folder, rows):
                          if r == name and seed.isdigit()]
         if not runs[row]:
             raise ValueError(f"no {name}_s<seed> folders and no {name} folder in {where}")
-        for run in runs[row]:
-            for split in ("val", "test_ood"):
-                results[run, split] = read_result(os.path.join(folder, run, f"eval_{split}.json"))
     first = runs[rows[0]][0]
+    # test_ood's columns when the first row has it (a val-only sweep leaves them "-")
+    splits = [s for s in ("val", "test_ood")
+              if s == "val" or os.path.exists(os.path.join(folder, first, f"eval_{s}.json"))]
+    for run in [r for row in rows for r in runs[row]]:
+        for split in splits:
+            results[run, split] = read_result(os.path.join(folder, run, f"eval_{split}.json"))
     for (run, split), r in results.items():  # paired differences need the very same items
         same = results[first, split]["counts"]
         if r["counts"] | {"seed": 0} != same | {"seed": 0}:
@@ -895,21 +898,22 @@ def compare(folder, rows):
     for row in rows:
         cells = []
         for _, split, key in COLUMNS:
-            vals = [results[run, split]["metrics"][key]["value"] for run in runs[row]]
+            vals = [results[run, split]["metrics"][key]["value"] for run in runs[row]
+                    if split in splits]
             vals = [v for v in vals if v is not None]
             sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
             cells.append(f"{np.mean(vals):.3f}{sd}" if vals else "-")
         lines.append(f"| {row} | {len(runs[row])} | " + " | ".join(cells) + " |")
     for name in results[first, "val"].get("chance", {}):
         cells = [num(results[first, split].get("chance", {}).get(name, {}).get(key))
-                 for _, split, key in COLUMNS]
+                 if split in splits else "-" for _, split, key in COLUMNS]
         lines.append(f"| chance: {name} | - | " + " | ".join(cells) + " |")
     if len(rows) > 1:
         lines += ["", f"Difference from {rows[0]}, paired bootstrap 95% interval over the same "
                   "items and seeds (* : excludes 0):", "", head, rule]
         for row in rows[1:]:
             cells = [paired_difference(results, runs[rows[0]], runs[row], split, key)
-                     for _, split, key in COLUMNS]
+                     if split in splits else "-" for _, split, key in COLUMNS]
             lines.append(f"| {row} | {len(runs[row])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

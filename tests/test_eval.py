@@ -453,6 +453,25 @@ def test_compare_takes_a_folder_holding_eval_files_as_one_run(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[3].startswith("| base | 1 | 0.750 |")
 
 
+def test_compare_of_val_only_rows_leaves_test_ood_columns_empty(tmp_path, capsys):
+    """A sweep scored on val alone (tuning never looks at test_ood) still compares: its test_ood
+    columns say "-", and a later row must have every split the first has."""
+    write_runs(tmp_path, "default", [([1, 0, 0, 0], [0, 0, 0, 0])])
+    write_runs(tmp_path, "cfg3", [([1, 1, 1, 0], [0, 0, 0, 0])])
+    for row in ("default", "cfg3"):
+        os.remove(tmp_path / f"{row}_s0" / "eval_test_ood.json")
+    ev.main(["--compare", str(tmp_path), "--rows", "default,cfg3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| default | 1 | 0.250 | - | ")
+    assert lines[4].startswith("| chance: blank | - | 0.000 | - | ")
+    diff = lines[-1].split(" | ")
+    assert diff[2].startswith("+0.500 [") and diff[3] == "-"
+    write_runs(tmp_path, "full", [([1, 1, 1, 0], [0, 0, 0, 0])])  # a row with test_ood first
+    missing = tmp_path / "cfg3_s0" / "eval_test_ood.json"
+    assert f"{missing} is missing" in one_line_error("--compare", str(tmp_path), "--rows",
+                                                     "full,cfg3")
+
+
 def test_compare_refuses_missing_stale_or_truncated_results_naming_the_file(tmp_path):
     assert f"--compare folder {tmp_path / 'none'} does not exist" in one_line_error(
         "--compare", str(tmp_path / "none"), "--rows", "base")
