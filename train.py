@@ -530,6 +530,8 @@ def init_run(cfg, mcfg, run_dir, device, master):
         except Exception as e:
             raise ValueError(f"checkpoint file {resume_from}/optim.pt is missing or corrupt: {e}"
                              ) from None
+        for g, fresh in zip(opt.param_groups, groups):  # the loaded groups carry the saved
+            g["lr_scale"] = fresh["lr_scale"]  # scale; this run's --gen_lr_scale wins, as --lr
     return model, ema, opt, start
 
 

@@ -574,3 +574,8 @@ def test_gen_lr_scale_sets_the_generation_sides_lr_apart(tmp_path, mot):
     assert losses(one) == losses(plain)
     a, b = (load_file(os.path.join(d, "step_000004/model.safetensors")) for d in (one, plain))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a resumed run takes this run's scale, not the one saved with the optimizer state
+    shutil.rmtree(os.path.join(held, "step_000004"))
+    run(tmp_path, "--name=held", f"--mot={mot}", "--gen_lr_scale=1", "--keep=0", "--resume=1")
+    end = load_file(os.path.join(held, "step_000004/model.safetensors"))
+    assert not torch.equal(end["to_pixels.weight"], init["to_pixels.weight"])
