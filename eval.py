@@ -898,8 +898,8 @@ def compare(folder, rows):
     for row in rows:
         cells = []
         for _, split, key in COLUMNS:
-            vals = [results[run, split]["metrics"][key]["value"] for run in runs[row]
-                    if split in splits]
+            vals = ([results[run, split]["metrics"][key]["value"] for run in runs[row]]
+                    if split in splits else [])
             vals = [v for v in vals if v is not None]
             sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
             cells.append(f"{np.mean(vals):.3f}{sd}" if vals else "-")

@@ -530,8 +530,10 @@ def init_run(cfg, mcfg, run_dir, device, master):
         except Exception as e:
             raise ValueError(f"checkpoint file {resume_from}/optim.pt is missing or corrupt: {e}"
                              ) from None
-        for g, fresh in zip(opt.param_groups, groups):  # the loaded groups carry the saved
-            g["lr_scale"] = fresh["lr_scale"]  # scale; this run's --gen_lr_scale wins, as --lr
+        # the loaded groups carry the saved run's settings (lr_scale, weight decay, betas):
+        # this run's keys win, as README's resume rule says
+        for g, fresh in zip(opt.param_groups, groups):
+            g.update({k: v for k, v in fresh.items() if k != "params"})
     return model, ema, opt, start
 
 

@@ -64,7 +64,8 @@ def test_parse_args_types_unknown_keys_and_help():
 # One out-of-range value per numeric key of TrainConfig, and what the error says the key must be.
 BAD = [("seed", -1, ">= 0"), ("num_workers", -1, ">= 0"), ("batch_size", 0, ">= 1"),
        ("batch_size", -32, ">= 1"), ("micro_batch", 0, ">= 1"), ("max_steps", -5, ">= 1"),
-       ("lr", math.nan, ">= 0"), ("lr", math.inf, ">= 0"), ("gen_lr_scale", -1.0, ">= 0"), ("min_lr", -1e-5, ">= 0"),
+       ("lr", math.nan, ">= 0"), ("lr", math.inf, ">= 0"), ("gen_lr_scale", -1.0, ">= 0"),
+       ("min_lr", -1e-5, ">= 0"),
        ("warmup", -1, ">= 0"), ("weight_decay", -0.1, ">= 0"), ("beta2", 1.0, "in [0, 1)"),
        ("grad_clip", -1.0, ">= 0 (0: no clipping)"), ("ema", 2.0, "in [0, 1)"),
        ("ema", 1.0, "in [0, 1)"),
