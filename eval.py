@@ -38,6 +38,10 @@ synth.parse): a cell it cannot read is malformed, which equals no object.
                  the share of edits whose output equals the edit implied by the model's own answer
                  to the embedded question (synth.implied_target; "If it is red, paint it blue"
                  answered "green" implies no change), over the edits an answer decides.
+  probes         (checkpoints only) where a failure sits: linear_probe (can the semantic tokens'
+                 attributes be read off linearly: perception) and placement_probe (does the trunk
+                 know each cell of a full-scene caption or an add edit from the text before the
+                 image shows it: placement).
 
 Chance rows (--baseline NAME, and in every table): trivial models scored on the same sets.
   oracle     the true answers and target images: 1.0 on every metric (pixel L1 0)
@@ -80,7 +84,7 @@ from tqdm import tqdm
 
 import synth
 from model import (CELL_CLASSES, EOS, TASK_GROUP, cell_labels, collate, euler, load_checkpoint,
-                   newest_checkpoint)
+                   newest_checkpoint, patchify)
 
 GENEVAL = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 BATCH = 64  # samples per forward pass
@@ -766,6 +770,77 @@ def linear_probe(model, world, split="val", n_train=1000, n_test=500, device="cp
     return out
 
 
+# ----------------------------------------------------------------------------- placement probe
+
+PLACEMENT_TIMES = (1.0, 0.9, 0.75, 0.5)
+
+
+def placement_sets(world, split, n):
+    """n full-scene captions and n add edits of a split: both name the cell of what to draw.
+    Returns {name: (samples, cells to name (B, cells^2) bool)}: for a caption every object's
+    cell, for an add only the added object's (the one cell the instruction decides)."""
+    def first(task, family):
+        out, i = [], 0
+        while len(out) < n:
+            s = synth.make_sample(world, task, split, i)
+            out += [s] if s["family"] == family else []
+            i += 1
+        return out
+
+    g = synth.get_world(world).grid
+    def cells(objs):
+        m = torch.zeros(g * g, dtype=torch.bool)
+        m[[r * g + c for *_, r, c in objs]] = True
+        return m
+
+    scenes, adds = first("t2i", "scene"), first("edit", "add")
+    return {"scene": (scenes, torch.stack([cells(s["target_scene"]) for s in scenes])),
+            "add": (adds, torch.stack([cells([o for o in s["target_scene"] if o not in s["scene"]])
+                                       for s in adds]))}
+
+
+@torch.no_grad()
+def placement_probe(model, tokenizer, world, split="val", n=200, device="cpu"):
+    """Does the trunk know where a caption's objects go before it draws them? The gen_cells head
+    (trained with the model) names each cell of the target from the trunk's outputs at the noisy
+    image; here the noisy image is the target noised to time t, every condition kept. At t = 1 it
+    is pure noise, so the cells named come from the text (and an edit's source) alone. Per set of
+    placement_sets and t: occupancy (the share of all cells rightly called empty or not), objects
+    (the share of the cells to name whose shape, colour and size are all right) and scenes (every
+    cell right); 'chance' is calling every cell empty (objects 0). None if gen_cells is untrained."""
+    cfg = model.cfg
+    if cfg.gen_cell_weight <= 0:
+        return None
+    k = cfg.image_size // cfg.patch // cfg.cells  # patches per cell side
+    g = cfg.image_size // cfg.patch
+    first = [r * k * g + c * k for r in range(cfg.cells) for c in range(cfg.cells)]  # a cell's patch
+    out = {}
+    for name, (samples, named) in placement_sets(world, split, n).items():
+        group = TASK_GROUP[samples[0]["task"]]  # t2i or edit
+        batch = {key: v.to(device) for key, v in collate(samples, cfg, tokenizer)[group].items()}
+        truth = batch["target_cells"][:, first].cpu()  # (B, cells^2, 3), 0 = empty
+        x0 = patchify(batch["target"], cfg.patch)
+        gen = torch.Generator(device).manual_seed(0)
+        eps = torch.randn(x0.shape, generator=gen, device=device)
+        on = torch.ones(len(samples), dtype=torch.bool, device=device)
+        rows = {}
+        for t in PLACEMENT_TIMES:
+            x_t = (1 - t) * x0 + t * eps
+            h = model.velocity_patches(group, batch, x_t, torch.full_like(on, t, dtype=torch.float),
+                                       on, on, on)[2]  # the trunk's outputs (B, T, C)
+            logits = model.gen_cells(h[:, model.layouts[group].noisy][:, first])
+            pred = torch.stack([lg.argmax(-1) for lg in logits.float().split(CELL_CLASSES, -1)],
+                               -1).cpu()  # (B, cells^2, 3)
+            right = (pred == truth).all(-1)  # (B, cells^2)
+            rows[str(t)] = {"occupancy": float(((pred[..., 0] > 0) == (truth[..., 0] > 0))
+                                               .float().mean()),
+                            "objects": float(right[named].float().mean()),
+                            "scenes": float(right.all(-1).float().mean())}
+        out[name] = {"n": len(samples), "chance": float((truth[..., 0] == 0).float().mean()),
+                     "by_t": rows}
+    return out
+
+
 # ----------------------------------------------------------------------------- tables
 
 def num(x):
@@ -808,6 +883,14 @@ def to_markdown(r, title="nanoUMM eval"):
     if r.get("linear_probe"):
         lines += ["", "Linear probe of the semantic tokens (occupied cells; eval.linear_probe): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in r["linear_probe"].items())]
+    if r.get("placement_probe"):
+        lines += ["", "| placement probe (eval.placement_probe): cells named from noise at t | "
+                  + " | ".join(f"t = {t}" for t in PLACEMENT_TIMES) + " | chance |",
+                  "| --- |" + " --- |" * (len(PLACEMENT_TIMES) + 1)]
+        for name, p in r["placement_probe"].items():
+            for field, chance in (("objects", 0.0), ("scenes", 0.0), ("occupancy", p["chance"])):
+                lines.append(f"| {name} ({p['n']}): {field} | " + " | ".join(
+                    f"{p['by_t'][str(t)][field]:.3f}" for t in PLACEMENT_TIMES) + f" | {chance:.3f} |")
     if r.get("cell_errors"):
         lines += ["", "| wrong cells per image | " + " | ".join(ERRORS) + " |",
                   "| --- |" + " --- |" * len(ERRORS)]
@@ -1009,6 +1092,7 @@ def main(argv=None):
                      a.seed, a.device, sampling, seen=seen, picture=stem + ".png")
         if not a.baseline:
             r["linear_probe"] = linear_probe(model, world, a.split, device=a.device)
+            r["placement_probe"] = placement_probe(model, tok, world, a.split, a.n_edit, a.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     r = {"checkpoint": ckpt, "step": step, "weights": None if a.baseline else a.weights,

@@ -555,3 +555,48 @@ def test_linear_probe_reads_linear_codes_and_not_noise():
     bad = ev.linear_probe(LinearTokens(False), W, n_train=60, n_test=30)
     assert max(bad.values()) < 0.75  # random tokens: about chance per attribute (1/5, 1/8, 1/2)
     assert bad["color"] < 0.4
+
+
+class CellOracle:
+    """A stand-in trunk whose output at each noisy token is its target cell's labels, one-hot, read
+    by an identity gen_cells head: it names every cell, or (blind) nothing at t = 1, where the
+    noisy image is pure noise."""
+
+    def __init__(self, blind_at_t1):
+        import model as M
+        self.cfg = M.UMMConfig.preset("tiny", vocab_size=1)
+        self.layouts = {task: M.Layout(self.cfg, task) for task in ("t2i", "edit")}
+        self.blind_at_t1 = blind_at_t1
+        self.gen_cells = lambda h: h
+
+    def velocity_patches(self, task, sub, x_t, t, *keep):
+        import torch
+        import model as M
+        L = self.layouts[task]
+        labels = sub["target_cells"]  # (B, N, 3)
+        code = torch.cat([torch.nn.functional.one_hot(labels[..., i], k).float()
+                          for i, k in enumerate(M.CELL_CLASSES)], -1)  # (B, N, 18)
+        if self.blind_at_t1:
+            code = code * (t < 1).float()[:, None, None]  # all zero: argmax names "empty"
+        h = torch.zeros(len(labels), L.T, code.shape[-1])
+        h[:, L.noisy] = code
+        return None, None, h
+
+
+def test_placement_probe_scores_what_the_trunk_names_from_the_text():
+    sets = ev.placement_sets(W, "val", 12)
+    scenes, adds = sets["scene"][0], sets["add"][0]
+    assert {s["family"] for s in scenes} == {"scene"} and {s["family"] for s in adds} == {"add"}
+    assert sets["scene"][1].sum(1).tolist() == [len(s["target_scene"]) for s in scenes]
+    assert sets["add"][1].sum(1).tolist() == [1] * 12  # only the added object's cell is named
+    tok = synth.get_tokenizer("tiny")
+    sees = ev.placement_probe(CellOracle(False), tok, W, n=12)
+    blind = ev.placement_probe(CellOracle(True), tok, W, n=12)
+    for name, samples in (("scene", scenes), ("add", adds)):
+        empty = 1 - sum(len(s["target_scene"]) for s in samples) / (12 * 16)
+        assert sees[name]["chance"] == blind[name]["chance"] == pytest.approx(empty)
+        for t, row in sees[name]["by_t"].items():
+            assert row == {"occupancy": 1.0, "objects": 1.0, "scenes": 1.0}, (name, t)
+        assert blind[name]["by_t"]["0.9"] == {"occupancy": 1.0, "objects": 1.0, "scenes": 1.0}
+        assert blind[name]["by_t"]["1.0"] == {"occupancy": pytest.approx(empty), "objects": 0.0,
+                                              "scenes": 0.0}
