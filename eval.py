@@ -788,7 +788,8 @@ def placement_sets(world, split, n):
         return out
 
     g = synth.get_world(world).grid
-    def cells(objs):
+
+    def cells(objs):  # objects [shape, color, size, row, col] -> (cells^2,) bool
         m = torch.zeros(g * g, dtype=torch.bool)
         m[[r * g + c for *_, r, c in objs]] = True
         return m
