@@ -114,6 +114,12 @@ class UMMConfig:
     # the target. It asks the trunk to decide where things go before denoising; 0: off (and no
     # head: a checkpoint's config says whether it has one).
     layout_weight: float = 0.0
+    # T2I reads a blank canvas: the clean pixel tokens of an empty image sit before its noisy
+    # image, and their projection joins each noisy token, as an edit's pixel source does. The
+    # placement probe (eval.py) found that an edit's trunk places what its instruction names from
+    # noise, and a T2I trunk places nothing a caption names; the source tokens are what the edit
+    # has and T2I lacks (without them an edit's placement falls to about 0).
+    canvas: bool = False
     t_mean: float = 1.0  # training times t = sigmoid(N(t_mean, 1)); > 0: more of them near noise
     t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
     x_loss: bool = False  # the flow MSE on x_0 (= the v-loss times t^2) instead of on v
@@ -185,7 +191,8 @@ class Layout:
             read = [("code_boi", 1), ("codes", n), ("code_sep", 1), ("sem", n), ("code_eoi", 1)]
         segments = {
             "vqa": [("bos", 1), *read, ("text", L), ("answer", cfg.answer_len)],
-            "t2i": [("bos", 1), ("text", L), ("boi", 1), ("noisy", n), ("eoi", 1)],
+            "t2i": [("bos", 1), ("text", L), ("boi", 1), *([("clean", n)] if cfg.canvas else []),
+                    ("noisy", n), ("eoi", 1)],
             "edit": [("bos", 1), *read, ("text", L), ("boi", 1), ("clean", n), ("noisy", n),
                      ("eoi", 1)],
         }[task]
@@ -668,6 +675,11 @@ class UMM(nn.Module):
         if task != "vqa":
             x[:, L.noisy] = self.pixel_tokens(x_t) + temb[:, None]
             vis[:, L.noisy] = True
+        if task == "t2i" and self.cfg.canvas:  # an empty image is black: -1 in every value
+            blank = torch.full_like(x_t, -1.0)
+            x[:, L.clean] = self.pixel_tokens(blank)
+            vis[:, L.clean] = True
+            x[:, L.noisy] += self.src_pix(blank)
         if task == "edit":
             sem = self.semantic_tokens(source)
             src = patchify(self.check_image(source), self.cfg.patch)
@@ -960,7 +972,8 @@ class UMM(nn.Module):
         weights_x_tokens = (trunk * L.T
                             + weights(self.enc_in, self.encoder, self.adapter) * n_sem
                             + weights(self.pix_in) * n_pix
-                            + weights(self.src_pix, self.src_sem) * (n_sem > 0) * n_gen
+                            + weights(self.src_sem) * (n_sem > 0) * n_gen
+                            + weights(self.src_pix) * (n_pix > n_gen) * n_gen
                             + weights(self.lm_head) * n_answer
                             + weights(self.sem_cells) * n_sem * (cfg.sem_cell_weight > 0)
                             + weights(self.gen_cells) * n_gen * (cfg.gen_cell_weight > 0)

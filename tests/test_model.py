@@ -409,3 +409,27 @@ def test_pos_std_sets_the_scale_of_every_row_and_column_embedding():
         model = tiny(pos_std=std)
         for table in (model.enc_pos, model.sem_pos, model.pix_pos):  # 2 x 4 x 128 draws each
             assert abs(table.std().item() / std - 1) < 0.1
+
+
+def test_canvas_gives_t2i_the_blank_pixel_source_an_edit_reads():
+    n = tiny().n
+    plain, canvas = tiny().layouts["t2i"], tiny(canvas=True).layouts["t2i"]
+    assert plain.clean.start == plain.clean.stop  # off: the layout old checkpoints were trained on
+    assert canvas.T == plain.T + n and canvas.clean.stop == canvas.noisy.start
+    assert (canvas.kind[canvas.clean] == M.CLEAN).all()
+    g = int(n ** 0.5)  # the canvas is an image: its token (r, c) turns by (start + r, start + c)
+    assert canvas.coords[canvas.clean][g + 2].tolist() == [canvas.clean.start + 1, canvas.clean.start + 2]
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = tiny(canvas=on)
+        batch = collate(samples("t2i", 3), model.cfg, TOK)  # tokens of the model's layout
+        total, _ = model.loss(batch)
+        total.backward()
+        # the blank's projection joins every noisy token only with the canvas
+        assert (model.src_pix.weight.grad is not None and bool(model.src_pix.weight.grad.any())) == on
+    x, vis = model.embed("t2i", batch["t2i"]["tokens"], x_t=torch.randn(3, n, 3 * 16 ** 2),
+                         temb=torch.zeros(3, model.cfg.width))
+    blank = model.pixel_tokens(torch.full((1, n, 3 * 16 ** 2), -1.0))
+    torch.testing.assert_close(x[:, canvas.clean], blank.expand(3, -1, -1))
+    assert vis[:, canvas.clean].all()
+    assert model.flops_per_sample("t2i") > tiny().flops_per_sample("t2i")
