@@ -118,7 +118,8 @@ class UMMConfig:
     # image, and their projection joins each noisy token, as an edit's pixel source does. The
     # placement probe (eval.py) found that an edit's trunk places what its instruction names from
     # noise, and a T2I trunk places nothing a caption names; the source tokens are what the edit
-    # has and T2I lacks (without them an edit's placement falls to about 0).
+    # has and T2I lacks (without them an edit's placement at t = 1 falls to 0.02-0.24). Measured
+    # at 16,000 steps it did not help T2I and cost the edits (README): kept as that ablation.
     canvas: bool = False
     t_mean: float = 1.0  # training times t = sigmoid(N(t_mean, 1)); > 0: more of them near noise
     t_noise: float = 0.0  # the share of generation samples trained at t = 1 (pure noise) instead
