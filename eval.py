@@ -801,6 +801,19 @@ def placement_sets(world, split, n):
 
 
 @torch.no_grad()
+def cells_named(model, group, batch, x_t, t, keep_sem=None, keep_pix=None):
+    """What the gen_cells head names at every noisy patch, (B, N, 3) classes (0 = empty): the trunk
+    run on noisy patches x_t (B, N, 3 p p) at time t, text kept, each source condition as given
+    ((B,) bool; default kept)."""
+    on = torch.ones(x_t.shape[0], dtype=torch.bool, device=x_t.device)
+    keep_sem, keep_pix = (on if k is None else k for k in (keep_sem, keep_pix))
+    h = model.velocity_patches(group, batch, x_t, torch.full_like(on, t, dtype=torch.float), on,
+                               keep_sem, keep_pix)[2]  # the trunk's outputs (B, T, C)
+    logits = model.gen_cells(h[:, model.layouts[group].noisy]).float()
+    return torch.stack([lg.argmax(-1) for lg in logits.split(CELL_CLASSES, -1)], -1)
+
+
+@torch.no_grad()
 def placement_probe(model, tokenizer, world, split="val", n=200, device="cpu"):
     """Does the trunk know where a caption's objects go before it draws them? The gen_cells head
     (trained with the model) names each cell of the target from the trunk's outputs at the noisy
@@ -823,15 +836,9 @@ def placement_probe(model, tokenizer, world, split="val", n=200, device="cpu"):
         x0 = patchify(batch["target"], cfg.patch)
         gen = torch.Generator(device).manual_seed(0)
         eps = torch.randn(x0.shape, generator=gen, device=device)
-        on = torch.ones(len(samples), dtype=torch.bool, device=device)
         rows = {}
         for t in PLACEMENT_TIMES:
-            x_t = (1 - t) * x0 + t * eps
-            h = model.velocity_patches(group, batch, x_t, torch.full_like(on, t, dtype=torch.float),
-                                       on, on, on)[2]  # the trunk's outputs (B, T, C)
-            logits = model.gen_cells(h[:, model.layouts[group].noisy][:, first])
-            pred = torch.stack([lg.argmax(-1) for lg in logits.float().split(CELL_CLASSES, -1)],
-                               -1).cpu()  # (B, cells^2, 3)
+            pred = cells_named(model, group, batch, (1 - t) * x0 + t * eps, t)[:, first].cpu()
             right = (pred == truth).all(-1)  # (B, cells^2)
             rows[str(t)] = {"occupancy": float(((pred[..., 0] > 0) == (truth[..., 0] > 0))
                                                .float().mean()),

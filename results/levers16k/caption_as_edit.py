@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+import eval as ev
 import model as M
 import synth
 
@@ -37,12 +38,7 @@ for path in sys.argv[1:]:
         truth = batch["target_cells"]  # (B, N, 3), 0 = empty
         x0 = M.patchify(batch["target"], cfg.patch)
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-        on = torch.ones(len(samples), dtype=torch.bool)
         for t in (1.0, 0.9):
-            with torch.no_grad():
-                h = model.velocity_patches(group, batch, (1 - t) * x0 + t * eps,
-                                           torch.full((len(samples),), t), on, on, on)[2]
-                logits = model.gen_cells(h[:, model.layouts[group].noisy])
-            pred = torch.stack([lg.argmax(-1) for lg in logits.split(M.CELL_CLASSES, -1)], -1)
+            pred = ev.cells_named(model, group, batch, (1 - t) * x0 + t * eps, t)
             named = (pred == truth).all(-1)[truth[..., 0] > 0].float().mean()
             print(f"  {name:<24} t = {t}: objects named right {named:.3f}")

@@ -24,9 +24,6 @@ for path in sys.argv[1:]:
     print(path)
     for name, sem, pix in (("both", on, on), ("semantic only", on, off), ("pixels only", off, on),
                            ("neither", off, off)):
-        with torch.no_grad():
-            h = model.velocity_patches("edit", batch, eps, torch.ones(B), on, sem, pix)[2]
-            logits = model.gen_cells(h[:, model.layouts["edit"].noisy])
-        pred = torch.stack([lg.argmax(-1) for lg in logits.split(M.CELL_CLASSES, -1)], -1)
+        pred = ev.cells_named(model, "edit", batch, eps, 1.0, sem, pix)
         right = (pred == batch["target_cells"]).all(-1)[named].float().mean()
         print(f"  source kept: {name:<14} added object named at t = 1: {right:.3f}")
