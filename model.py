@@ -59,7 +59,8 @@ import kernels
 import synth
 
 PAD, BOS, EOS, BOI, EOI, SEP = 0, 1, 2, 3, 4, 5  # ids of synth.SPECIALS
-TASK_GROUP = {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit"}
+TASK_GROUP = {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit",
+              "scene": "t2i"}  # scene: synth.FAMILY_STREAMS, full-scene captions only
 # The classes of the per-cell attribute labels: "empty", then the world's values (every world
 # shares them), for shape, colour and size in turn.
 CELL_VALUES = [("empty",) + synth.values(synth.get_world("default"), a) for a in synth.ATTRS]
@@ -102,6 +103,12 @@ class UMMConfig:
     # so in training; 0.5 (on par with the content) cost generation and did not help position
     # questions (README, "More levers").
     pos_std: float = 0.02
+    # A noisy image token's own cell embedding (noisy_pos), at this init std; 0: none. At t = 1 a
+    # noisy token is a projection of pure noise (norm ~8) and pix_pos (norm ~0.4) is lost in it: a
+    # linear probe reads a noisy token's cell at 0.11-0.15 (1/16 is chance), a source's semantic
+    # token's at 0.94 (results/levers16k/cell_identity.txt). An edit's source tokens know their
+    # cells; a T2I sequence has no token that does. At 0.5 its norm is on par with the noise's.
+    noisy_pos: float = 0.0
     ce_weight: float = 1.0  # total = ce_weight * ce + flow_weight * flow; 0 is flow-only
     flow_weight: float = 1.0
     # Per-cell attribute losses (README, "What it takes to learn the shapes world"): linear heads
@@ -146,6 +153,9 @@ class UMMConfig:
         if self.pos_std < 0:
             raise ValueError(f"pos_std={self.pos_std} must be >= 0 (the init std of the row and "
                              f"column embeddings)")
+        if self.noisy_pos < 0:
+            raise ValueError(f"noisy_pos={self.noisy_pos} must be >= 0 (the init std of a noisy "
+                             f"token's cell embedding; 0: none)")
         if self.codebook < 1:
             raise ValueError(f"codebook={self.codebook} must be >= 1 (codes per patch tokenizer)")
         if self.change_weight <= 0:
@@ -569,6 +579,7 @@ class UMM(nn.Module):
         # pixel path
         self.pix_in = nn.Linear(pd, C, bias=False)
         self.pix_pos = nn.Parameter(torch.randn(2, g, C) * cfg.pos_std)
+        self.noisy_pos = nn.Parameter(torch.randn(2, g, C) * cfg.noisy_pos) if cfg.noisy_pos else None
         # the edit source at each noisy token's own patch (see embed)
         self.src_pix = nn.Linear(pd, C, bias=False)
         self.src_sem = nn.Linear(C, C, bias=False)
@@ -675,6 +686,8 @@ class UMM(nn.Module):
                 vis[:, L.codes] = True
         if task != "vqa":
             x[:, L.noisy] = self.pixel_tokens(x_t) + temb[:, None]
+            if self.noisy_pos is not None:
+                x[:, L.noisy] += grid(self.noisy_pos)
             vis[:, L.noisy] = True
         if task == "t2i" and self.cfg.canvas:  # an empty image is black: -1 in every value
             blank = torch.full_like(x_t, -1.0)

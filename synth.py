@@ -1109,6 +1109,13 @@ def implied_target(sample, said, world="default"):
 
 GENERATORS = {"vqa": (gen_vqa, tuple(VQA_FAMILIES)), "t2i": (gen_t2i, T2I_FAMILIES),
               "edit": (gen_edit, EDIT_FAMILIES), "uniedit": (gen_uniedit, tuple(IE_FAMILIES))}
+# A training stream of one family of a task, so that a mix can raise that family's share:
+# train.py --mix=vqa:2,t2i:0.5,scene:0.5,edit:1 draws full-scene captions 4x as often as the
+# default mix and keeps T2I's share of the batch. Its samples are ordinary samples of the task
+# (their "task" is the task's), drawn under the stream's own seeds; datasets, the tokenizer and the
+# eval sets never draw it.
+FAMILY_STREAMS = {"scene": ("t2i", "scene")}
+MIX_TASKS = TASKS + tuple(FAMILY_STREAMS)
 
 
 def sample_seed(*key):
@@ -1127,7 +1134,8 @@ def is_ood(s, w):
 
 
 def make_sample(world, task, split, index, seed=0):
-    """Sample `index` of `task` in `split`: a pure function of its arguments.
+    """Sample `index` of `task` (one of TASKS, or a FAMILY_STREAMS name) in `split`: a pure
+    function of its arguments.
 
     Returns a dict with keys id, index, task, family, level, hops, split, text, answer,
     image (source, uint8 HxWx3, or None), target (image to produce, or None), scene,
@@ -1135,12 +1143,15 @@ def make_sample(world, task, split, index, seed=0):
     probe.
     test_ood samples always show something held out; the other splits never do."""
     w = get_world(world)
-    if task not in GENERATORS:
-        raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    if task not in MIX_TASKS:
+        raise ValueError(f"unknown task {task!r}: choose from {', '.join(MIX_TASKS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    stream = task
+    task, *only = FAMILY_STREAMS.get(stream, (stream,))
     gen, families = GENERATORS[task]
-    rng = random.Random(sample_seed(seed, w.name, task, split, index))
+    families = tuple(only) or families
+    rng = random.Random(sample_seed(seed, w.name, stream, split, index))
     for _ in range(1000):
         family = rng.choice(families)
         try:
@@ -1154,7 +1165,7 @@ def make_sample(world, task, split, index, seed=0):
     scene = Scene.of(s["scene"]) if s.get("scene") is not None else None
     target = Scene.of(s["target_scene"]) if s.get("target_scene") is not None else None
     return {
-        "id": f"{task}/{split}/{index}", "index": index, "task": task, "family": family,
+        "id": f"{stream}/{split}/{index}", "index": index, "task": task, "family": family,
         "level": s.get("level"), "hops": s.get("hops"), "split": split, "text": s["text"],
         "answer": s.get("answer"),
         "image": render(scene, w) if scene else None,

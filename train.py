@@ -186,8 +186,8 @@ UNDERSTANDING_ENCODER = ("enc_in", "enc_pos", "encoder.", "enc_norm", "adapter",
 # The weights only the flow path uses: its input and source projections, time embedding,
 # per-cell and layout heads, refiner and flow head, and under MoT each block's `gen` expert.
 # --gen_lr_scale sets their learning rate apart from the trunk's and the understanding side's.
-GENERATION_SIDE = ("pix_in", "pix_pos", "src_pix", "src_sem", "t_mlp", "gen_cells", "layout",
-                   "refiner.", "cls", "head", "to_pixels")
+GENERATION_SIDE = ("pix_in", "pix_pos", "noisy_pos", "src_pix", "src_sem", "t_mlp", "gen_cells",
+                   "layout", "refiner.", "cls", "head", "to_pixels")
 
 
 def generation_side(name):
@@ -304,9 +304,9 @@ def parse_mix(mix):
     out = {}
     for part in mix.split(","):
         task, _, w = part.partition(":")
-        if task not in synth.TASKS:
+        if task not in synth.MIX_TASKS:
             raise ValueError(f"mix names unknown task {task!r}: choose from "
-                             f"{', '.join(synth.TASKS)}")
+                             f"{', '.join(synth.MIX_TASKS)}")
         try:
             out[task] = float(w or 1)
         except ValueError:
@@ -373,7 +373,9 @@ class Stream(torch.utils.data.Dataset):
             rng = np.random.default_rng(cfg.seed)
             self.pools = {}
             for t in self.counts:
-                pool = [i for i, r in enumerate(recs) if r["split"] == "train" and r["task"] == t]
+                task, *family = synth.FAMILY_STREAMS.get(t, (t,))  # a family stream: its family
+                pool = [i for i, r in enumerate(recs) if r["split"] == "train" and r["task"] == task
+                        and r["family"] in (family or [r["family"]])]
                 if not pool:
                     raise ValueError(f"dataset {cfg.data} has no train samples of task {t!r} "
                                      f"that the mix needs")

@@ -381,6 +381,29 @@ def test_the_stream_trains_on_fresh_train_samples_at_every_position(monkeypatch)
         assert batch[0]["text"] == want["text"] and batch[0]["answer"] == want["answer"]
 
 
+def test_a_family_stream_raises_that_familys_share_with_samples_of_its_task(monkeypatch, tmp_path):
+    cfg = train.TrainConfig(micro_batch=4, seed=3)
+    plain, mixed = (streamed(monkeypatch, cfg, mix, range(2)) for mix in ("t2i:1", "t2i:1,scene:1"))
+    for c, batch in enumerate(mixed):
+        assert all(s["task"] == "t2i" for s in batch)  # collated, trained and judged as T2I
+        t2i = [s for s in batch if not s["id"].startswith("scene/")]
+        scenes = [s for s in batch if s["id"].startswith("scene/")]
+        assert [s["family"] for s in scenes] == ["scene", "scene"]
+        assert scenes[0]["text"] == synth.make_sample(W, "scene", "train", 4 * c, seed=3)["text"]
+        # the t2i stream draws what it drew without the scene stream: its seeds are its own
+        assert [s["text"] for s in t2i] == [s["text"] for s in plain[c][:2]]
+    assert {synth.make_sample(W, "t2i", "train", i)["family"] for i in range(40)} == set(synth.T2I_FAMILIES)
+    with pytest.raises(ValueError, match="scene"):
+        train.parse_mix("vqa:1,scenes:1")
+    # from a dataset folder the stream draws the train records of its family
+    folder = synth.write_dataset(str(tmp_path / "ds"), 80, "tiny", tasks=("t2i",), workers=1)
+    ds = synth.Dataset(folder)
+    want = {ds[i]["id"] for i in range(len(ds)) if ds[i]["split"] == "train" and ds[i]["family"] == "scene"}
+    cfg = train.TrainConfig(micro_batch=1, data=folder)
+    drawn = {s["id"] for batch in streamed(monkeypatch, cfg, "scene:1", range(len(want))) for s in batch}
+    assert drawn == want and want
+
+
 def hand_made_dataset(folder, splits):
     """A synth.py dataset folder of VQA samples, one per entry of `splits`, in that split."""
     os.makedirs(folder)

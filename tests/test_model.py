@@ -433,3 +433,36 @@ def test_canvas_gives_t2i_the_blank_pixel_source_an_edit_reads():
     torch.testing.assert_close(x[:, canvas.clean], blank.expand(3, -1, -1))
     assert vis[:, canvas.clean].all()
     assert model.flops_per_sample("t2i") > tiny().flops_per_sample("t2i")
+
+
+def test_noisy_pos_gives_each_noisy_token_a_cell_that_survives_pure_noise():
+    assert tiny().noisy_pos is None and "noisy_pos" not in tiny().state_dict()  # off: old checkpoints load
+    torch.manual_seed(0)
+    model = tiny(noisy_pos=0.5)
+    pos = M.grid(model.noisy_pos)  # (N, C): the embedding of each noisy token's own cell
+    for task, n in (("t2i", 3), ("edit", 3)):
+        sub = collate(samples(task, n), model.cfg, TOK)[task]
+        x_t = torch.randn(n, model.n, 3 * 16 ** 2)  # t = 1: the noisy image is pure noise
+        args = (task, sub["tokens"], sub.get("sem"), sub.get("source"), x_t,
+                torch.zeros(n, model.cfg.width), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool))
+        x, _ = model.embed(*args)
+        with torch.no_grad():
+            saved = model.noisy_pos.clone()
+            model.noisy_pos.zero_()
+            x0, _ = model.embed(*args)
+            model.noisy_pos.copy_(saved)
+        noisy = model.layouts[task].noisy
+        torch.testing.assert_close(x[:, noisy] - x0[:, noisy], pos.expand(n, -1, -1).detach())
+        rest = torch.ones(x.shape[1], dtype=torch.bool)
+        rest[noisy] = False
+        assert torch.equal(x[:, rest], x0[:, rest])  # only the noisy image's tokens get it
+        # at t = 1 each token's cell is the embedding nearest to it; pix_pos alone is lost in the noise
+        cell = torch.arange(model.n).expand(n, -1)
+        assert ((x[:, noisy] @ pos.T).argmax(-1) == cell).float().mean() > 0.9
+        pix = M.grid(model.pix_pos)
+        assert ((x0[:, noisy] @ pix.T).argmax(-1) == cell).float().mean() < 0.5
+    total, _ = model.loss(collate(samples("t2i", 3), model.cfg, TOK))
+    total.backward()
+    assert model.noisy_pos.grad.abs().sum() > 0  # it trains
+    with pytest.raises(ValueError, match="noisy_pos"):
+        UMMConfig(noisy_pos=-1)
