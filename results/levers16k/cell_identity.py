@@ -10,8 +10,8 @@ scored on the other 100) of the trunk's input vectors (L0) and of each block's o
 - noisy tokens, T2I full-scene captions / add edits with their source / add edits without it:
   the token's own cell, with the target noised to t = 1 (the same noise for every run);
 - source tokens of the add edits (semantic, clean pixels): the token's own cell;
-- text: the state at the number after each "column" of a caption or add instruction: the cell
-  that mention names (the "row r, column c" before it).
+- text: the state at the number after each "column" of a caption or add instruction, or at the
+  token after it, whichever reads better: the cell that mention names ("row r, column c").
 Chance is 1/16 = 0.06 for the token rows; for the text rows about as much (the cells are
 drawn uniformly). EMA weights; every condition kept unless a row says otherwise.
 """
@@ -89,9 +89,10 @@ for path in sys.argv[1:]:
                     where.append((i, p + 1))
                     cells.append((int(r) - 1) * model.cfg.cells + int(c) - 1)  # 1-based in text
             idx, pos = torch.tensor(where).T
-            rows.append((f"text at each cell mention, {name}",
-                         [probe(s[idx, pos][:, None], torch.tensor(cells)[:, None])
-                          for s in states]))
+            named = torch.tensor(cells)[:, None]
+            rows.append((f"text at each cell mention, {name}",  # the better of the two tokens
+                         [max(probe(s[idx, pos][:, None], named),
+                              probe(s[idx, pos + 1][:, None], named)) for s in states]))
     print(f"{path} (step {meta['step']})")
     for name, accs in rows:
         print(f"  {name:<40} " + " ".join(f"L{i} {a:.2f}" for i, a in enumerate(accs)))
