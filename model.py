@@ -108,6 +108,8 @@ class UMMConfig:
     # linear probe reads a noisy token's cell at 0.11-0.15 (1/16 is chance), a source's semantic
     # token's at 0.94 (results/levers16k/cell_identity.txt). An edit's source tokens know their
     # cells; a T2I sequence has no token that does. At 0.5 its norm is on par with the noise's.
+    # Measured at 16,000 steps it did not teach T2I to place from the words and cost VQA (README,
+    # "Two more levers"): kept as that ablation.
     noisy_pos: float = 0.0
     ce_weight: float = 1.0  # total = ce_weight * ce + flow_weight * flow; 0 is flow-only
     flow_weight: float = 1.0
@@ -579,7 +581,8 @@ class UMM(nn.Module):
         # pixel path
         self.pix_in = nn.Linear(pd, C, bias=False)
         self.pix_pos = nn.Parameter(torch.randn(2, g, C) * cfg.pos_std)
-        self.noisy_pos = nn.Parameter(torch.randn(2, g, C) * cfg.noisy_pos) if cfg.noisy_pos else None
+        self.noisy_pos = (nn.Parameter(torch.randn(2, g, C) * cfg.noisy_pos) if cfg.noisy_pos
+                          else None)  # the noisy image's tokens' own cells (see UMMConfig)
         # the edit source at each noisy token's own patch (see embed)
         self.src_pix = nn.Linear(pd, C, bias=False)
         self.src_sem = nn.Linear(C, C, bias=False)
