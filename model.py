@@ -59,8 +59,9 @@ import kernels
 import synth
 
 PAD, BOS, EOS, BOI, EOI, SEP = 0, 1, 2, 3, 4, 5  # ids of synth.SPECIALS
-TASK_GROUP = {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit",
-              "scene": "t2i"}  # scene: synth.FAMILY_STREAMS, full-scene captions only
+TASK_GROUP = {"vqa": "vqa", "t2i": "t2i", "edit": "edit", "uniedit": "edit"}
+TASK_GROUP.update({name: TASK_GROUP[synth.stream_task(name)[0]]  # a family stream: its task's
+                   for name in synth.FAMILY_STREAMS})
 # The classes of the per-cell attribute labels: "empty", then the world's values (every world
 # shares them), for shape, colour and size in turn.
 CELL_VALUES = [("empty",) + synth.values(synth.get_world("default"), a) for a in synth.ATTRS]

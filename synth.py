@@ -1118,6 +1118,12 @@ FAMILY_STREAMS = {"scene": ("t2i", "scene")}
 MIX_TASKS = TASKS + tuple(FAMILY_STREAMS)
 
 
+def stream_task(name):
+    """(task, family or None) that a mix entry draws: a task's every family, or a family stream's
+    one."""
+    return FAMILY_STREAMS.get(name, (name, None))
+
+
 def sample_seed(*key):
     """A stable 64-bit seed from any key (Python's hash() of a str changes between runs)."""
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
@@ -1148,9 +1154,9 @@ def make_sample(world, task, split, index, seed=0):
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
     stream = task
-    task, *only = FAMILY_STREAMS.get(stream, (stream,))
+    task, only = stream_task(stream)
     gen, families = GENERATORS[task]
-    families = tuple(only) or families
+    families = (only,) if only else families
     rng = random.Random(sample_seed(seed, w.name, stream, split, index))
     for _ in range(1000):
         family = rng.choice(families)

@@ -373,9 +373,9 @@ class Stream(torch.utils.data.Dataset):
             rng = np.random.default_rng(cfg.seed)
             self.pools = {}
             for t in self.counts:
-                task, *family = synth.FAMILY_STREAMS.get(t, (t,))  # a family stream: its family
+                task, family = synth.stream_task(t)  # a family stream: its family's records
                 pool = [i for i, r in enumerate(recs) if r["split"] == "train" and r["task"] == task
-                        and r["family"] in (family or [r["family"]])]
+                        and family in (None, r["family"])]
                 if not pool:
                     raise ValueError(f"dataset {cfg.data} has no train samples of task {t!r} "
                                      f"that the mix needs")

@@ -60,7 +60,6 @@ def trunk_states(model, group, batch, keep):
     return [x] + outs
 
 
-torch.manual_seed(0)
 for path in sys.argv[1:]:
     model, tok, meta = M.load_checkpoint(path)
     sets = ev.placement_sets(meta["world"]["name"], "val", 200)
