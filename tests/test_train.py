@@ -119,6 +119,9 @@ def test_model_keys_reach_the_model_config_typed_and_win_over_the_recipe():
     mc = train.model_config(cfg, vocab_size=50)
     assert (mc.depth, mc.t_mean, mc.gen_cell_weight, mc.mot) == (6, 0.5, 2.0, True)
     assert (mc.ce_weight, mc.sem_cell_weight) == (0.0, 0.0)  # the recipe's, where no key overrides them
+    # pretraining weighs the answers 0.1 (README, "How hard each task pulls"); a key restores 1
+    assert train.model_config(train.parse_args([]), vocab_size=50).ce_weight == 0.1
+    assert train.model_config(train.parse_args(["--model=ce_weight=1"]), vocab_size=50).ce_weight == 1.0
 
 
 def test_nan_loss_stops_the_run_with_one_line_and_no_traceback(tmp_path, monkeypatch):
