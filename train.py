@@ -195,7 +195,7 @@ def generation_side(name):
 
 
 RECIPES = {
-    # answers need most steps; their CE pulls on the trunk ~9x harder than the flow path's losses
+    # answers need most steps; their CE pulls on the trunk 8-11x harder than the flow path's losses
     # (README, "How hard each task pulls"), so it weighs 0.1, or AdamW barely moves the trunk
     # for T2I and edits
     "pretrain": dict(stages=[(1.0, "vqa:2,t2i:1,edit:1")], init=False, model=dict(ce_weight=0.1)),
