@@ -24,6 +24,7 @@ import train as T
 STREAMS = ("vqa", "t2i", "scene", "edit")
 PARTS = {"ce": "ce_weight", "flow": "flow_weight", "gen_cells": "gen_cell_weight",
          "sem_cells": "sem_cell_weight"}
+OTHER_WEIGHTS = ("layout_weight",)  # a loss not reported here, held at 0 for every part
 BATCHES = 8
 
 
@@ -32,6 +33,7 @@ def trunk_grad_norm(model, batch, noise, part):
     batch has no such part."""
     full = model.cfg
     only = {key: (getattr(full, key) if p == part else 0.0) for p, key in PARTS.items()}
+    only.update(dict.fromkeys(OTHER_WEIGHTS, 0.0))
     model.cfg = dataclasses.replace(full, **only)
     try:
         model.zero_grad(set_to_none=True)
@@ -47,7 +49,7 @@ def trunk_grad_norm(model, batch, noise, part):
 
 
 def main(args):
-    print(f"| row | stream | " + " | ".join(f"{p} (trunk grad norm)" for p in PARTS) + " |")
+    print("| row | stream | " + " | ".join(f"{p} (trunk grad norm)" for p in PARTS) + " |")
     print("| --- | --- |" + " --- |" * len(PARTS))
     for arg in args:
         row, path = arg.split("=", 1)
